@@ -1,0 +1,256 @@
+"""`loraforge` command line. Each command is a thin shell over a library function; user mistakes print a
+clear message and exit with code 2 (never a traceback)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Config-driven fine-tuning: LoRA, QLoRA, P-tuning v2, prompt tuning, freeze, full; SD LoRA.")
+
+SetOpt = typer.Option(None, "--set", help="Override a config key: --set learning_rate=1e-4 (repeatable).")
+
+
+def _overrides(pairs: Optional[List[str]]) -> dict:
+    import yaml
+
+    from loraforge.errors import ConfigError, Problem
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError([Problem("--set", "expects key=value", value=pair, fix="e.g. --set epochs=1")])
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _adapters(specs: Optional[List[str]]) -> dict[str, str]:
+    """`name=path` (or a bare path, named after its folder) → {name: path}."""
+    from loraforge.errors import ConfigError, Problem
+
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, _, path = spec.partition("=") if "=" in spec else (Path(spec).name, "", spec)
+        if not name or not path:
+            raise ConfigError([Problem("--adapter", "expects NAME=DIR", value=spec, fix="--adapter cardio=output/cardio")])
+        if name == "base":
+            raise ConfigError([Problem("--adapter", "`base` is reserved for the model without adapters", value=spec)])
+        out[name] = path
+    return out
+
+
+@app.command()
+def train(config: Path = typer.Argument(..., help="Run config YAML."), set_: Optional[List[str]] = SetOpt):
+    """Validate the config, data and model, then fine-tune."""
+    from loraforge.config import TaskType, load_config
+
+    cfg = load_config(config, _overrides(set_))
+    if cfg.task_type is TaskType.TEXT_TO_IMAGE:
+        from loraforge.image.train import train_image_lora
+
+        out = train_image_lora(cfg)
+        typer.echo(f"\nLoRA weights: {out}\nTry it: loraforge generate-image --base {cfg.base_model} --lora {out} "
+                   f"--prompt \"...\" --out image.png")
+        return
+    from loraforge.preflight import run_preflight
+    from loraforge.train.loop import train as run_training
+
+    run_preflight(cfg, echo=typer.echo)
+    result = run_training(cfg, echo=typer.echo)
+    typer.echo(f"\nAdapter saved in {result.run_dir}" if _is_adapter(cfg) else f"\nModel saved in {result.run_dir}")
+    chat = f"loraforge chat --base {cfg.base_model} --adapter {result.run_dir}" if _is_adapter(cfg) \
+        else f"loraforge chat --base {result.run_dir}"
+    typer.echo(f"Chat with it:  {chat}")
+
+
+def _is_adapter(cfg) -> bool:
+    from loraforge.methods import is_adapter_method
+
+    return is_adapter_method(cfg.method)
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="Run config YAML."), set_: Optional[List[str]] = SetOpt):
+    """Check config, data and model (no training, no weights loaded)."""
+    from loraforge.config import load_config
+    from loraforge.preflight import run_preflight
+
+    cfg = load_config(config, _overrides(set_))
+    run_preflight(cfg, echo=typer.echo)
+    typer.echo("config OK")
+
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help="Built-in name, HF model dir or .gguf file."),
+            trust_remote_code: bool = typer.Option(False, help="Allow the model's own code.")):
+    """Architecture, kind, task types, real linear module names and default LoRA targets."""
+    from loraforge.models.inspect import format_inspect, inspect_model
+
+    typer.echo(format_inspect(inspect_model(model, trust_remote_code=trust_remote_code)))
+
+
+@app.command()
+def estimate(config: Path = typer.Argument(..., help="Run config YAML."), set_: Optional[List[str]] = SetOpt):
+    """Trainable/total parameters and an estimate of peak training memory."""
+    from loraforge.config import load_config
+    from loraforge.estimate import estimate_memory, format_estimate
+
+    typer.echo(format_estimate(estimate_memory(load_config(config, _overrides(set_)))))
+
+
+@app.command("import-gguf")
+def import_gguf_cmd(gguf_file: Path = typer.Argument(..., help="A .gguf model file."),
+                    out_dir: Path = typer.Argument(..., help="Where to write the HF model dir.")):
+    """Dequantize a GGUF model into a normal Hugging Face model dir."""
+    from loraforge.models.gguf import import_gguf
+
+    typer.echo(f"imported into {import_gguf(gguf_file, out_dir)}")
+
+
+@app.command()
+def chat(base: str = typer.Option("smollm2", help="Base model (built-in name, dir or .gguf)."),
+         adapter: Optional[List[str]] = typer.Option(None, help="NAME=DIR of an adapter (repeatable)."),
+         max_new_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0)):
+    """Interactive chat; `/adapter NAME` switches adapters, `/adapter base` the plain base model."""
+    from loraforge.inference import GenerationSettings, InferenceModel, chat_repl
+
+    model = InferenceModel.load(base, _adapters(adapter))
+    chat_repl(model, settings=GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature))
+
+
+@app.command()
+def generate(prompt: str = typer.Option(..., help="The user message."),
+             base: str = typer.Option("smollm2", help="Base model (built-in name, dir or .gguf)."),
+             adapter: Optional[List[str]] = typer.Option(None, help="NAME=DIR of an adapter (repeatable)."),
+             use: Optional[str] = typer.Option(None, help="Which adapter answers (default: the first given)."),
+             max_new_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0)):
+    """One-shot generation with an adapter applied."""
+    from loraforge.inference import GenerationSettings, InferenceModel
+
+    adapters = _adapters(adapter)
+    model = InferenceModel.load(base, adapters)
+    name = use or (next(iter(adapters)) if adapters else "base")
+    result = model.generate([{"role": "user", "content": prompt}], adapter=name,
+                            settings=GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature))
+    typer.echo(result.text)
+
+
+@app.command()
+def merge(run_dir: Path = typer.Argument(..., help="A LoRA run dir (or adapter dir)."),
+          out: Path = typer.Option(..., "--out", help="Where to write the standalone model."),
+          base: Optional[str] = typer.Option(None, help="Base model (default: the run's config.yaml)."),
+          dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16")):
+    """Merge a LoRA adapter into its base and verify the merged logits."""
+    from loraforge.export import merge_adapter
+
+    report = merge_adapter(run_dir, out, base=base, dtype=dtype)
+    typer.echo(str(report))
+
+
+@app.command("eval")
+def eval_cmd(data: Path = typer.Option(..., help="Test data (.jsonl/.json; instruction/output or messages)."),
+             base: str = typer.Option("smollm2", help="Base model."),
+             adapter: Optional[List[str]] = typer.Option(None, help="NAME=DIR of an adapter (repeatable)."),
+             out: Path = typer.Option(Path("eval_report"), help="Report folder (JSON + Markdown)."),
+             max_new_tokens: int = typer.Option(128), tokenize: str = typer.Option("auto", help="auto|char|word|jieba"),
+             limit: Optional[int] = typer.Option(None, help="Only the first N examples.")):
+    """Loss, perplexity and generation metrics for the base and each adapter, side by side."""
+    from loraforge.evaluate import EvalOptions, evaluate, format_summary, write_report
+
+    report = evaluate(base, _adapters(adapter), data,
+                      EvalOptions(max_new_tokens=max_new_tokens, tokenize=tokenize, limit=limit))
+    json_path, md_path = write_report(report, out)
+    typer.echo(format_summary(report))
+    typer.echo(f"\nreport: {md_path} and {json_path}")
+
+
+@app.command()
+def serve(config: Optional[Path] = typer.Option(None, help="Server YAML (base, adapters, api_key, routes)."),
+          base: Optional[str] = typer.Option(None, help="Base model (overrides the YAML)."),
+          adapter: Optional[List[str]] = typer.Option(None, help="NAME=DIR (repeatable)."),
+          host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
+          port: Optional[int] = typer.Option(None), api_key: Optional[str] = typer.Option(None, envvar="LORAFORGE_API_KEY")):
+    """OpenAI-compatible server: one base model, N adapters, the request's `model` picks one."""
+    from loraforge.serve.config import load_server_config
+    from loraforge.serve.app import run_server
+
+    overrides = {k: v for k, v in dict(base=base, host=host, port=port, api_key=api_key).items() if v is not None}
+    if adapter:
+        overrides["adapters"] = _adapters(adapter)
+    run_server(load_server_config(config, overrides))
+
+
+@app.command("generate-image")
+def generate_image_cmd(prompt: str = typer.Option(...), base: str = typer.Option(..., help="Local SD pipeline dir or single file."),
+                       lora: Optional[List[str]] = typer.Option(None, help="PATH[:WEIGHT] of a LoRA (repeatable)."),
+                       init_image: Optional[Path] = typer.Option(None, help="Image-to-image source."),
+                       strength: float = typer.Option(0.75), steps: int = typer.Option(25), seed: int = typer.Option(0),
+                       guidance_scale: float = typer.Option(7.5), out: Path = typer.Option(Path("image.png"))):
+    """Text-to-image or image-to-image with one or more LoRAs."""
+    from loraforge.image.generate import generate_image
+
+    loras = []
+    for spec in lora or []:
+        path, _, weight = spec.rpartition(":") if spec.rsplit(":", 1)[-1].replace(".", "", 1).isdigit() else (spec, "", "1")
+        loras.append((path, float(weight)))
+    generate_image(base, prompt, loras=loras, init_image=init_image, strength=strength, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, seed=seed, out_path=out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("export-kohya")
+def export_kohya_cmd(lora_dir: Path = typer.Argument(..., help="A loraforge image LoRA run dir."),
+                     out: Path = typer.Option(..., "--out", help="Output .safetensors in kohya/A1111 format.")):
+    """Convert an image LoRA to the kohya / AUTOMATIC1111 key format (with its true alpha)."""
+    from loraforge.image.kohya import export_kohya
+
+    typer.echo(f"wrote {export_kohya(lora_dir, out)}")
+
+
+@app.command("config-help")
+def config_help():
+    """Every config key with its default and meaning."""
+    from loraforge.config.help import format_config_help
+
+    typer.echo(format_config_help())
+
+
+def main() -> None:
+    """Console entry point: user errors → message + exit 2; Ctrl-C/SIGTERM → checkpoint + resume hint."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from loraforge.errors import EXIT_USER_ERROR, LoraforgeError
+
+    try:
+        app(standalone_mode=False)
+    except LoraforgeError as e:
+        typer.echo(e.format(), err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 — only to turn click usage errors into exit 2 like other user errors
+        import click
+
+        from loraforge.train.loop import TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):
+            where = e.checkpoint or "the last checkpoint"
+            typer.echo(f"\ninterrupted: checkpoint written to {where}\n"
+                       f"resume with: loraforge train CONFIG --set resume_from_checkpoint=latest", err=True)
+            sys.exit(128 + int(e.signum))
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(EXIT_USER_ERROR)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

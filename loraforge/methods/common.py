@@ -1,0 +1,26 @@
+"""Helpers shared by the method modules."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from loraforge.config import RunConfig, TaskType
+
+
+def peft_task_type(task_type: TaskType):
+    """Our TaskType → peft.TaskType (same names)."""
+    from peft import TaskType as PeftTaskType
+
+    return PeftTaskType[task_type.value]
+
+
+def resolve_targets(cfg: RunConfig, model: nn.Module) -> list[str] | str:
+    """cfg.target_modules, or the model family's default when it is left out."""
+    if cfg.target_modules is not None:
+        return cfg.target_modules
+    from loraforge.models.discovery import resolve_target_modules
+
+    return resolve_target_modules(model.config, model, None)

@@ -1,0 +1,110 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint is written into `.tmp-checkpoint-N/` and renamed to `checkpoint-N/` only once complete, so a
+crash or `kill -9` mid-write leaves a temp dir that is never picked up (and is cleaned on the next start).
+`trainer_state.json` is written last inside the temp dir; a dir without it is not a checkpoint.
+
+Contents: the adapter (or full model) in its normal format — so every checkpoint also loads with plain PEFT /
+transformers — plus optimizer, scheduler, RNG states and the data position.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.json"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where the run is. `group` is the index of the next optimizer step's micro-batch group in `epoch`."""
+
+    global_step: int = 0
+    epoch: int = 0
+    group: int = 0
+    tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    world_size: int = 1
+    history: list[dict] = field(default_factory=list)  # logged metrics, so a resumed run's plot is whole
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def clean_partial(run_dir: Path) -> None:
+    """Remove temp dirs left by a crash mid-write."""
+    if run_dir.is_dir():
+        for p in run_dir.glob(".tmp-checkpoint-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, save_model: Callable[[Path], None],
+                    optimizer: torch.optim.Optimizer, scheduler, *, keep: int | None = None,
+                    protect: Path | None = None) -> Path:
+    """Write `checkpoint-<step>` atomically; then drop the oldest beyond `keep` (never `protect`)."""
+    final = run_dir / f"checkpoint-{state.global_step}"
+    tmp = run_dir / f".tmp-checkpoint-{state.global_step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+    np_state = np.random.get_state()
+    rng = {"python": _jsonable(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    (tmp / "rng_py.json").write_text(json.dumps(rng))
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if keep:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            if protect is None or old.resolve() != protect.resolve():
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
+    """Restore optimizer, scheduler and RNG states (the model weights are loaded by the caller)."""
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    py = json.loads((ckpt / "rng_py.json").read_text())
+    random.setstate(_tupled(py["python"]))
+    kind, keys, *rest = py["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    return TrainState(**json.loads((ckpt / STATE_FILE).read_text()))
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, tuple) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x

@@ -1,0 +1,83 @@
+"""Run observability: metrics.jsonl, TensorBoard events, a progress bar, and loss.png at the end."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class RunLogger:
+    """Writes every logged record to metrics.jsonl (and TensorBoard); only the main process logs."""
+
+    def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, enabled: bool,
+                 tensorboard: bool, append: bool):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self.tb = None
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, unit="step",
+                        dynamic_ncols=True, desc="train")
+        if not enabled:
+            return
+        self.metrics = (run_dir / "metrics.jsonl").open("a" if append else "w", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k.replace("val_", "val/").replace("train_", "train/"), v, record["step"])
+            self.tb.flush()
+
+    def progress(self, n: int, **postfix: Any) -> None:
+        self.bar.update(n)
+        if postfix:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False)
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.enabled:
+            self.metrics.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def plot_loss(history: list[dict], out_png: Path) -> Path | None:
+    """Train and validation loss against the optimizer step."""
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must be set before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per trained token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,295 @@
+"""The named setup steps of the recipe in loop.py: precision, run dir, data, model, step plan, final save."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from loraforge.config import RunConfig, TaskType
+from loraforge.errors import ConfigError, Problem
+from loraforge.train.checkpoint import STATE_FILE, TrainState, clean_partial, latest_checkpoint, list_checkpoints
+from loraforge.train.loss import trained_token_count
+
+# Model types whose attention honours per-example position_ids in a packed row (transformers builds the
+# block-diagonal mask from position_ids when use_cache=False; FINDINGS trap 2). ALiBi models (bloom, falcon
+# with alibi) and learned absolute positions without that path are not in the list: they are never packed.
+PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma",
+                                  "gemma2", "gemma3_text", "phi3", "glm", "glm4", "olmo", "olmo2", "smollm3", "granite",
+                                  "starcoder2", "cohere"})
+RUN_ARTIFACTS = ("run.json", "metrics.jsonl", "loss.png", "tensorboard", "best", "adapter_config.json",
+                 "adapter_model.safetensors", "config.yaml")
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` → bf16 where the hardware does it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), fp16 on
+    older GPUs, else fp32. On a CPU without bf16 instructions autocast is emulated and slower than fp32."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    cpu = torch.backends.cpu
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bf16" if native and cpu.get_cpu_capability() else "fp32"
+
+
+def build_accelerator(precision: str):
+    from accelerate import Accelerator
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    if mixed == "fp16" and not torch.cuda.is_available():
+        raise ConfigError([Problem("precision", "fp16 mixed precision needs a CUDA GPU", value="fp16",
+                                   allowed="auto, fp32, bf16", fix="use `precision: bf16` (or auto) on CPU")])
+    # Accumulation is done by the loop itself (token-normalized), so accelerate's own is left at 1.
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+
+
+def prepare_run_dir(cfg: RunConfig, *, is_main: bool) -> tuple[Path, Path | None]:
+    """The run dir, and the checkpoint to resume from (None for a fresh run).
+
+    Raises:
+        ConfigError: resuming without a checkpoint, or starting over a previous run without overwrite.
+    """
+    run_dir = Path(cfg.output_dir)
+    if is_main:
+        clean_partial(run_dir)
+    if cfg.resume_from_checkpoint:
+        if cfg.resume_from_checkpoint == "latest":
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None:
+                raise ConfigError([Problem("resume_from_checkpoint", f"no complete checkpoint in {run_dir}",
+                                           value="latest", fix="remove resume_from_checkpoint to start a new run")])
+        else:
+            ckpt = Path(cfg.resume_from_checkpoint)
+            if not (ckpt / STATE_FILE).is_file():
+                found = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+                raise ConfigError([Problem("resume_from_checkpoint", "not a complete loraforge checkpoint",
+                                           value=str(ckpt), allowed=f"`latest` or one of: {found}")])
+        return run_dir, ckpt
+    previous = [a for a in RUN_ARTIFACTS if (run_dir / a).exists()] + [p.name for p in list_checkpoints(run_dir)]
+    if previous and not cfg.overwrite_output_dir:
+        raise ConfigError([Problem("output_dir", "already holds a training run", value=str(run_dir),
+                                   fix="continue it with `resume_from_checkpoint: latest`, start over with "
+                                       "`overwrite_output_dir: true`, or pick another output_dir")])
+    if previous and is_main:
+        for p in [run_dir / a for a in RUN_ARTIFACTS] + list_checkpoints(run_dir):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, None
+
+
+@dataclass
+class Setup:
+    """Data-side state the loop needs: examples, how micro-batches are collated and counted."""
+
+    cfg: RunConfig
+    model_dir: Path
+    tokenizer: Any
+    data: Any  # loraforge.data.dataset.DataBundle
+    batching: str
+    val_groups: list = field(default_factory=list)
+
+    def examples(self, val: bool = False):
+        return self.data.val if val else self.data.train
+
+    def collate(self, micro_batch, val: bool = False) -> dict[str, torch.Tensor]:
+        from loraforge.data.batching import collate
+
+        return collate(self.examples(val), micro_batch, self.tokenizer.pad_token_id)
+
+    def tokens_of(self, micro_batch, val: bool = False) -> int:
+        ex = self.examples(val)
+        return sum(self._counts(val)[i] for row in micro_batch for i in row) if ex else 0
+
+    @lru_cache(maxsize=2)
+    def _counts(self, val: bool) -> list[int]:
+        return [trained_token_count(e.labels) for e in self.examples(val)]
+
+    def __hash__(self) -> int:  # lru_cache on a method needs a hashable self
+        return id(self)
+
+    def score_generations(self, model, cfg: RunConfig) -> dict[str, float]:
+        from loraforge.train.gen_eval import score_validation_generations
+
+        return score_validation_generations(model, self.tokenizer, self.data, cfg)
+
+
+def build_data(cfg: RunConfig, say: Callable[[str], None]) -> Setup:
+    from loraforge.data.batching import make_batches
+    from loraforge.data.checks import format_stats
+    from loraforge.data.dataset import build_datasets
+    from loraforge.models.gguf import resolve_model_path
+    from loraforge.models.loader import load_tokenizer
+
+    model_dir = resolve_model_path(cfg.base_model)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+    data = build_datasets(cfg, tokenizer)
+    say(format_stats(data.stats))
+    setup = Setup(cfg, model_dir, tokenizer, data, batching=choose_batching(cfg, model_dir))
+    if data.val:
+        lengths = [len(e.input_ids) for e in data.val]
+        setup.val_groups = make_batches(lengths, cfg.batch_size, "padded", seed=cfg.seed, epoch=0,
+                                        row_len=cfg.cutoff_len, shuffle=False)
+    return setup
+
+
+def choose_batching(cfg: RunConfig, model_dir: Path) -> str:
+    """auto → packed for causal LMs whose attention honours packed position_ids, else padded."""
+    from loraforge.models.discovery import load_hf_config
+
+    model_type = getattr(load_hf_config(model_dir, cfg.trust_remote_code), "model_type", "")
+    packable = (cfg.task_type is TaskType.CAUSAL_LM and model_type in PACKABLE_MODEL_TYPES
+                and cfg.method not in ("prefix", "ptuning", "prompt"))
+    if cfg.batching == "auto":
+        return "packed" if packable else "padded"
+    if cfg.batching == "packed" and not packable:
+        raise ConfigError([Problem("batching", f"packing is not safe for model type `{model_type}` with method "
+                                   f"`{cfg.method}`: attention could cross example boundaries", value="packed",
+                                   allowed="padded, grouped", fix="use `batching: grouped`")])
+    return cfg.batching
+
+
+def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str], None]):
+    """Load the base, apply the method, verify what trains. Returns (model, loss module, trainable report)."""
+    from loraforge.methods import apply_method
+    from loraforge.methods.report import trainable_report, verify_trainable
+    from loraforge.models.loader import load_model
+    from loraforge.train.loss import CausalLMLoss, SeqLoss
+
+    model = load_model(model_dir, cfg.task_type, dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation,
+                       trust_remote_code=cfg.trust_remote_code)
+    model.config.use_cache = False  # packed rows need it off (FINDINGS trap 2); training never uses the cache
+    model = apply_method(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    report = trainable_report(model)
+    problems = verify_trainable(report, cfg)
+    if problems:
+        raise ConfigError(problems, title="the built model does not train what the config asks for")
+    say(report.table())
+    if cfg.torch_compile:
+        model = torch.compile(model)
+    loss = CausalLMLoss(model, chunked=cfg.chunked_loss) if cfg.task_type is TaskType.CAUSAL_LM else SeqLoss(model)
+    return model, loss, report
+
+
+@dataclass
+class StepPlan:
+    """Which micro-batches make each optimizer step, epoch by epoch (deterministic: exact resume)."""
+
+    cfg: RunConfig
+    lengths: tuple[int, ...]
+    batching: str
+    world_size: int
+    epochs: int = 0
+    total_steps: int = 0
+    groups_per_epoch: int = 0
+    eval_steps: int | None = None
+
+    @lru_cache(maxsize=4)
+    def groups(self, epoch: int) -> list[list]:
+        from loraforge.data.batching import make_batches
+
+        cfg = self.cfg
+        mode = "padded" if self.batching == "packed" else self.batching
+        batches = make_batches(list(self.lengths), cfg.batch_size, mode, seed=cfg.seed, epoch=epoch,
+                               row_len=cfg.cutoff_len, shuffle=True)
+        if self.batching == "packed":
+            # Padding-free packing: the micro-batch's examples become one row (per-example position_ids), so
+            # an optimizer step sees exactly the examples a padded run would, with no padding computed.
+            batches = [[[i for row in b for i in row]] for b in batches]
+        size = cfg.gradient_accumulation_steps * self.world_size
+        groups = [batches[i:i + size] for i in range(0, len(batches), size)]
+        if self.world_size > 1 and groups and len(groups[-1]) < size:
+            groups = groups[:-1]  # every process must take part in every step
+        frac = cfg.epochs - math.floor(cfg.epochs)
+        if cfg.max_steps is None and frac and epoch == self.epochs - 1:
+            groups = groups[:max(1, round(len(groups) * frac))]
+        return groups
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+def step_plan(cfg: RunConfig, setup: Setup, world_size: int) -> StepPlan:
+    plan = StepPlan(cfg, tuple(len(e.input_ids) for e in setup.data.train), setup.batching, world_size)
+    plan.epochs = math.ceil(cfg.epochs)
+    plan.groups_per_epoch = len(plan.groups(0))
+    if plan.groups_per_epoch == 0:
+        raise ConfigError([Problem("batch_size", "not enough training examples for one optimizer step",
+                                   value=cfg.batch_size, fix="add data or lower batch_size / gradient_accumulation_steps")])
+    if cfg.max_steps:
+        plan.epochs = math.ceil(cfg.max_steps / plan.groups_per_epoch) + 1
+        plan.total_steps = cfg.max_steps
+    else:
+        plan.total_steps = sum(len(plan.groups(e)) for e in range(plan.epochs))
+    if setup.val_groups:
+        plan.eval_steps = cfg.eval_steps or cfg.save_steps or plan.total_steps
+    return plan
+
+
+def save_final(cfg: RunConfig, run_dir: Path, save_model: Callable[[Path], None], state: TrainState, setup: Setup) -> None:
+    """output_dir itself becomes the adapter (or full model): the best one when keep_best_checkpoint is on."""
+    best = run_dir / "best"
+    if cfg.keep_best_checkpoint and best.is_dir():
+        for f in best.iterdir():
+            shutil.copy2(f, run_dir / f.name)
+    else:
+        save_model(run_dir)
+
+
+def write_run_json(cfg: RunConfig, run_dir: Path, state: TrainState, setup: Setup, report, **extra: Any) -> None:
+    import accelerate
+    import peft
+    import transformers
+
+    import loraforge
+
+    info = {
+        "status": "finished",
+        "loraforge": loraforge.__version__,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__,
+                     "accelerate": accelerate.__version__},
+        "git_sha": _git_sha(),
+        "base_model": cfg.base_model,
+        "model_dir": str(setup.model_dir),
+        "method": cfg.method,
+        "task_type": cfg.task_type.value,
+        "trainable_params": report.trainable,
+        "total_params": report.total,
+        "trainable_percent": round(report.percent, 4),
+        "global_step": state.global_step,
+        "tokens_seen": state.tokens_seen,
+        "best_val_loss": state.best_val_loss,
+        "best_step": state.best_step,
+        "batching": setup.batching,
+        "data": _jsonable(setup.data.stats),
+        **extra,
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1, default=str))
+
+
+def _jsonable(obj: Any) -> Any:
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(obj) if is_dataclass(obj) else obj
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
