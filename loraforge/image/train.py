@@ -1,0 +1,366 @@
+"""The Stable Diffusion LoRA recipe, top to bottom: data → pipeline → LoRA → plan → loop → save.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches. Each micro-batch m is fully determined by
+(seed, m): which images (an epoch-seeded shuffle), their crops/flips, the VAE latent sample, the noise and the
+timesteps all come from generators seeded with (seed, m). So a resumed run replays exactly what an uninterrupted
+run would; the global torch RNG (LoRA dropout) is saved in each checkpoint for the same reason.
+
+The objective is the one of Rombach et al. 2022 (latent diffusion): encode the image to latents, add noise at a
+random timestep, and regress the UNet's output onto the noise (epsilon) or onto the velocity
+v = α·ε − σ·x₀ (Salimans & Ho 2022) — whichever the scheduler config says the model predicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from loraforge.config import RunConfig, save_config
+from loraforge.config.image import ImageOptions
+from loraforge.errors import ConfigError, ModelError, Problem
+from loraforge.image.data import ImageExample, collect_examples, expand_repeats, load_image
+from loraforge.image.lora import WEIGHTS_NAME, add_lora, load_lora_into_adapters, save_lora, trainable_modules
+from loraforge.image.pipeline import is_sdxl, load_pipeline
+
+KOHYA_NAME = "lora_kohya.safetensors"
+RUN_FILES = (WEIGHTS_NAME, KOHYA_NAME, "config.yaml", "run.json", "metrics.jsonl", "loss.png", "tensorboard", "validation")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which images make micro-batch m: epoch e is a shuffle of all views seeded by (seed, e)."""
+
+    n_views: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    total_steps: int
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(self.n_views / self.batch_size)
+
+    def micro_batch(self, m: int) -> list[int]:
+        epoch, pos = divmod(m, self.per_epoch)
+        order = list(range(self.n_views))
+        random.Random(_mix(self.seed, epoch, 1)).shuffle(order)
+        return order[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+    def epoch_of(self, m: int) -> float:
+        return round(m / self.per_epoch, 4)
+
+
+def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> Path:
+    """Train a Stable Diffusion LoRA as `cfg` says; returns the run dir.
+
+    The run dir holds `pytorch_lora_weights.safetensors` (load with `pipeline.load_lora_weights(run_dir)`),
+    `lora_kohya.safetensors` (A1111/ComfyUI), `config.yaml`, `run.json`, `metrics.jsonl`, `loss.png`,
+    `validation/` images and `checkpoint-N/` dirs.
+
+    Raises:
+        DataError: unreadable images or missing captions (all listed, before any model is loaded).
+        ModelError: the base model is not a local SD pipeline / checkpoint.
+        ConfigError: bad target modules, resolution, precision or resume point.
+    """
+    from loraforge.train.checkpoint import TrainState, load_checkpoint
+    from loraforge.train.logging import RunLogger, plot_loss
+    from loraforge.train.optim import build_optimizer, build_scheduler
+    from loraforge.train.setup import resolve_precision
+
+    t_start = time.time()
+    opts = cfg.image or ImageOptions()
+    run_dir, resume_from = _prepare_run_dir(cfg)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+
+    # Data first: a corrupt image is reported before minutes of model loading.
+    examples = collect_examples(cfg.train_data_dir, cfg.metadata_path, opts.caption_extension)
+    views = expand_repeats(examples)
+    echo(f"data: {len(examples)} images, {len(views)} views per epoch (with folder repeats)")
+
+    precision = resolve_precision(cfg.precision)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = _load_for_training(cfg, opts, precision, device)
+    noise_scheduler = _training_scheduler(pipe, opts)
+    add_lora(pipe, cfg, opts)
+    modules = trainable_modules(pipe, opts)
+    holder = torch.nn.ModuleList(modules)  # one module, so the shared AdamW helper sees every adapter
+    n_trainable = sum(p.numel() for p in holder.parameters() if p.requires_grad)
+    echo(f"LoRA: {n_trainable:,} trainable parameters (rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g})")
+
+    per_epoch = math.ceil(len(views) / cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.gradient_accumulation_steps))
+    plan = Plan(len(views), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed, total)
+    optimizer = build_optimizer(holder, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total)
+
+    state = TrainState()
+    if resume_from is not None:
+        load_lora_into_adapters(pipe, opts, resume_from)
+        state = load_checkpoint(resume_from, optimizer, scheduler)
+        _rewrite_metrics(run_dir, state.history)
+        echo(f"resumed from {resume_from} at step {state.global_step}")
+    logger = RunLogger(run_dir, total_steps=total, start_step=state.global_step, enabled=True,
+                       tensorboard="tensorboard" in cfg.report_to and _has_tensorboard(), append=resume_from is not None)
+    try:
+        _loop(cfg, opts, pipe, noise_scheduler, views, plan, optimizer, scheduler, state, logger, run_dir,
+              precision, device)
+    finally:
+        logger.close()
+
+    # Save: the run dir itself is the LoRA, in diffusers format and kohya format.
+    save_lora(run_dir, pipe, opts)
+    save_config(cfg, run_dir / "config.yaml")
+    if opts.kohya_export:
+        from loraforge.image.kohya import export_kohya
+
+        export_kohya(run_dir, run_dir / KOHYA_NAME)
+    if cfg.plot_loss:
+        plot_loss(state.history, run_dir / "loss.png")
+    _write_run_json(cfg, run_dir, state, len(examples), len(views), n_trainable, precision, time.time() - t_start)
+    return run_dir
+
+
+def _loop(cfg: RunConfig, opts: ImageOptions, pipe: Any, noise_scheduler: Any, views: list[ImageExample],
+          plan: Plan, optimizer, scheduler, state, logger, run_dir: Path, precision: str, device: torch.device) -> None:
+    """The optimizer steps from `state.global_step` to `plan.total_steps`, with logging, validation and saves."""
+    from loraforge.train.checkpoint import save_checkpoint
+
+    params = [p for m in trainable_modules(pipe, opts) for p in m.parameters() if p.requires_grad]
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    window: list[float] = []
+    while state.global_step < plan.total_steps:
+        step = state.global_step
+        for module in trainable_modules(pipe, opts):
+            module.train()
+        step_loss = 0.0
+        for k in range(plan.grad_accum):
+            m = step * plan.grad_accum + k
+            with _autocast(device, amp_dtype):
+                loss = _micro_batch_loss(pipe, noise_scheduler, opts, [views[i] for i in plan.micro_batch(m)],
+                                         _mix(cfg.seed, m, 2), device)
+            if not torch.isfinite(loss):
+                raise ConfigError([Problem("learning_rate", f"the loss became {loss.item()} at step {step + 1}",
+                                           value=cfg.learning_rate, fix="lower learning_rate or use precision: fp32")],
+                                  title="training diverged")
+            scaler.scale(loss / plan.grad_accum).backward()
+            step_loss += loss.item() / plan.grad_accum
+        if cfg.max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.global_step += 1
+        window.append(step_loss)
+        logger.progress(1, loss=step_loss)
+
+        done = state.global_step == plan.total_steps
+        if state.global_step % cfg.logging_steps == 0 or done:
+            record = {"step": state.global_step, "epoch": plan.epoch_of((step + 1) * plan.grad_accum),
+                      "loss": sum(window) / len(window), "lr": lr}
+            window.clear()
+            state.history.append(record)
+            logger.log(record)
+        if opts.validation_prompts and ((opts.validation_steps and state.global_step % opts.validation_steps == 0) or done):
+            paths = render_validation(pipe, opts, cfg.seed, state.global_step, run_dir / "validation", device)
+            logger.write(f"step {state.global_step}: {len(paths)} validation images in {paths[0].parent}")
+        if cfg.save_steps and state.global_step % cfg.save_steps == 0 and not done:
+            save_checkpoint(run_dir, state, lambda d: save_lora(d, pipe, opts), optimizer, scheduler,
+                            keep=cfg.save_total_limit)
+
+
+def _micro_batch_loss(pipe: Any, noise_scheduler: Any, opts: ImageOptions, batch: list[ImageExample],
+                      seed: int, device: torch.device) -> torch.Tensor:
+    """Diffusion loss of one micro-batch; every random draw comes from generators seeded with `seed`."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.from_numpy(np.stack([
+        load_image(ex.path, opts.resolution, center_crop=opts.center_crop,
+                   flip=opts.random_flip and rng.random() < 0.5, rng=rng) for ex in batch]))
+    vae = pipe.vae
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+        latents = (dist.mean + dist.std * eps).float() * vae.config.scaling_factor  # a sample of q(z|x)
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    if opts.noise_offset:
+        # A per-channel constant shift: plain Gaussian noise never changes an image's mean brightness much.
+        noise = noise + opts.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=gen).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    ids = pipe.tokenizer([ex.caption for ex in batch], padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+    with contextlib.nullcontext() if opts.train_text_encoder else torch.no_grad():
+        text = pipe.text_encoder(ids)[0]  # [b, tokens, cross_attention_dim]
+    pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, text.to(pipe.unet.dtype)).sample
+
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    per_sample = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if opts.snr_gamma:
+        per_sample = per_sample * _min_snr_weights(noise_scheduler, timesteps, opts.snr_gamma)
+    return per_sample.mean()
+
+
+def _min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al. 2023): weight min(SNR, γ)/SNR for ε targets, min(SNR, γ)/(SNR + 1) for v targets,
+    so the many easy low-noise timesteps stop dominating the gradient."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def render_validation(pipe: Any, opts: ImageOptions, seed: int, step: int, out_dir: Path,
+                      device: torch.device) -> list[Path]:
+    """Render each validation prompt with the adapters as they are now (fixed seed: images comparable across steps)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for module in (pipe.unet, pipe.text_encoder):
+        module.eval()  # no LoRA dropout while rendering (and no draw from the global RNG)
+    pipe.set_progress_bar_config(disable=True)
+    paths = []
+    for i, prompt in enumerate(opts.validation_prompts):
+        image = pipe(prompt, num_inference_steps=opts.num_inference_steps, guidance_scale=opts.guidance_scale,
+                     height=opts.resolution, width=opts.resolution,
+                     generator=torch.Generator().manual_seed(seed + i)).images[0]
+        path = out_dir / f"step-{step:06d}-{i}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def _load_for_training(cfg: RunConfig, opts: ImageOptions, precision: str, device: torch.device) -> Any:
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError([Problem("precision", "fp16 mixed precision needs a CUDA GPU", value="fp16",
+                                   allowed="auto, fp32, bf16", fix="use `precision: bf16` (or auto) on CPU")])
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.torch_dtype)
+    if dtype is None:  # auto: fp32 on CPU; on a GPU the frozen base in the autocast dtype (half the memory)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) \
+            if device.type == "cuda" else torch.float32
+    pipe = load_pipeline(cfg.base_model, dtype=dtype, base_config=opts.base_config)
+    if is_sdxl(pipe):
+        raise ModelError([Problem("base_model", "SDXL LoRA training is not supported yet (SD 1.x / 2.x are)",
+                                  value=cfg.base_model, fix="train on an SD 1.5 / 2.x base; generate-image and "
+                                  "export-kohya do work with SDXL pipelines")])
+    factor = pipe.vae_scale_factor
+    if opts.resolution % factor:
+        raise ConfigError([Problem("image.resolution", f"must be a multiple of the VAE's scale factor {factor}",
+                                   value=opts.resolution, fix=f"use {opts.resolution // factor * factor or factor}")])
+    # The VAE only encodes here; fp32 avoids the known fp16 overflow of SD VAEs and costs little.
+    if pipe.vae.dtype != torch.float32:
+        pipe.vae.to(torch.float32)
+    pipe.to(device)
+    pipe.vae.eval()
+    pipe.text_encoder.eval()
+    return pipe
+
+
+def _training_scheduler(pipe: Any, opts: ImageOptions) -> Any:
+    """DDPM's forward process from the pipeline's own schedule; the objective from the config or the scheduler."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    if opts.prediction_type is not None:
+        sched.register_to_config(prediction_type=opts.prediction_type)
+        pipe.scheduler.register_to_config(prediction_type=opts.prediction_type)  # validation renders match
+    return sched
+
+
+def _prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
+    """The run dir and the checkpoint to resume from (None: fresh run).
+
+    Raises:
+        ConfigError: resuming without a checkpoint, or writing over a finished run without overwrite_output_dir.
+    """
+    from loraforge.train.checkpoint import STATE_FILE, clean_partial, latest_checkpoint, list_checkpoints
+
+    run_dir = Path(cfg.output_dir)
+    clean_partial(run_dir)
+    if cfg.resume_from_checkpoint:
+        if cfg.resume_from_checkpoint == "latest":
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None:
+                raise ConfigError([Problem("resume_from_checkpoint", f"no complete checkpoint in {run_dir}",
+                                           value="latest", fix="remove resume_from_checkpoint to start a new run")])
+        else:
+            ckpt = Path(cfg.resume_from_checkpoint)
+            if not (ckpt / STATE_FILE).is_file() or not (ckpt / WEIGHTS_NAME).is_file():
+                found = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+                raise ConfigError([Problem("resume_from_checkpoint", "not a complete loraforge image checkpoint",
+                                           value=str(ckpt), allowed=f"`latest` or one of: {found}")])
+        return run_dir, ckpt
+    previous = [p for p in (run_dir / f for f in RUN_FILES) if p.exists()] + list_checkpoints(run_dir)
+    if previous and not cfg.overwrite_output_dir:
+        raise ConfigError([Problem("output_dir", "already holds a training run", value=str(run_dir),
+                                   fix="continue it with `resume_from_checkpoint: latest`, start over with "
+                                       "`overwrite_output_dir: true`, or pick another output_dir")])
+    for p in previous:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, None
+
+
+def _rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
+    """On resume, metrics.jsonl is what the checkpoint had seen: drop lines the interrupted run wrote after it."""
+    lines = "".join(json.dumps(r) + "\n" for r in history)
+    (run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
+
+
+def _write_run_json(cfg: RunConfig, run_dir: Path, state, n_images: int, n_views: int, n_trainable: int,
+                    precision: str, seconds: float) -> None:
+    import diffusers
+    import peft
+    import transformers
+
+    info = {
+        "status": "finished",
+        "task_type": cfg.task_type.value,
+        "base_model": cfg.base_model,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__},
+        "global_step": state.global_step,
+        "images": n_images,
+        "views_per_epoch": n_views,
+        "trainable_params": n_trainable,
+        "precision": precision,
+        "final_loss": state.history[-1]["loss"] if state.history else None,
+        "seconds": round(seconds, 1),
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _mix(seed: int, index: int, stream: int) -> int:
+    """A distinct, reproducible 63-bit seed per (run seed, index, purpose)."""
+    return (seed * 1_000_003 + index * 7_919 + stream * 104_729) % 2**63
