@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -86,101 +87,247 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 def _apply_aliases(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
     data: dict[str, Any] = {}
     problems: list[Problem] = []
+    spelled: dict[str, str] = {}  # canonical key -> how the user spelled it
     for key, value in raw.items():
         canonical = KEY_ALIASES.get(str(key), str(key))
         if canonical in data:
-            problems.append(Problem(str(key), f"sets `{canonical}` a second time", value=value,
-                                    fix=f"keep only one of `{key}` and `{canonical}`"))
+            first = spelled[canonical]
+            problems.append(Problem(str(key), f"sets `{canonical}` a second time (already set by `{first}`)",
+                                    value=value, allowed=f"one of `{first}`, `{key}`",
+                                    fix=f"keep only one of `{first}` and `{key}`"))
             continue
         data[canonical] = value
+        spelled[canonical] = str(key)
     return data, problems
 
 
 def _pydantic_problems(err: ValidationError, data: Mapping[str, Any]) -> list[Problem]:
-    fields = RunConfig.model_fields
-    problems = []
+    """Turn pydantic's errors into Problems with key, value, what is allowed and a fix.
+
+    A Union field reports one error per member (`target_modules` is a list *or* a string): those are merged
+    into one problem per key so the user sees each mistake once.
+    """
+    problems: dict[str, Problem] = {}
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         # Union members add their type name to the location (`target_modules.list[str]`); drop it.
-        loc = [p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int", "float", "bool", "function-after")]
+        loc = [p for p in loc if not any(c in p for c in "[]") and p not in _TYPE_LOC_NAMES]
         key = ".".join(loc) or "config"
-        value = e.get("input")
-        if e["type"] == "extra_forbidden":
-            parent = RunConfig.model_fields["image"].annotation if loc[:1] == ["image"] else None
-            names = list(fields) + list(KEY_ALIASES) if parent is None else _image_fields()
-            problems.append(Problem(key, "unknown key", fix=suggestion(loc[-1], names) or "remove it (see `loraforge config-help`)"))
+        if key in problems:
             continue
-        allowed = _allowed(e, loc)
-        msg = e["msg"]
+        value = e.get("input")
+        field, section_fields = _field_at(loc)
+        if e["type"] == "extra_forbidden":
+            names = section_fields + (list(KEY_ALIASES) if len(loc) == 1 else [])
+            hint = suggestion(loc[-1], names)
+            problems[key] = Problem(key, "unknown key", value=value,
+                                    allowed="see `loraforge config-help` for every key",
+                                    fix=hint or f"remove `{loc[-1]}`")
+            continue
         if loc == ["task_type"]:
-            msg, allowed = "unknown task type", ", ".join(task_type_names())
-            fix = suggestion(str(value), task_type_names())
-        else:
-            fix = suggestion(str(value), e.get("ctx", {}).get("expected", "").replace("'", "").split(", ")) \
-                if e["type"] == "literal_error" else None
-        problems.append(Problem(key, msg, value=value, allowed=allowed, fix=fix))
-    return problems
+            problems[key] = Problem(key, "unknown task type", value=value, allowed=", ".join(task_type_names()),
+                                    fix=suggestion(str(value), task_type_names()) or "set `task_type: CAUSAL_LM` "
+                                    "(text generation with a decoder-only model)")
+            continue
+        problems[key] = _value_problem(e, key, value, field)
+    return list(problems.values())
 
 
-def _image_fields() -> list[str]:
+_TYPE_LOC_NAMES = ("str", "int", "float", "bool", "function-after", "literal", "none", "path", "lax-or-strict",
+                   "json-or-python", "function-wrap", "function-before", "is-instance")
+_RANGE_WORDS = {"gt": ("greater than", ">"), "ge": ("at least", ">="), "lt": ("less than", "<"), "le": ("at most", "<=")}
+
+
+def _field_at(loc: list[str]):
+    """(FieldInfo or None, names of the fields in the section that holds it) for a pydantic error location."""
     from loraforge.config.image import ImageOptions
 
-    return list(ImageOptions.model_fields)
+    if len(loc) >= 2 and loc[0] == "image":
+        fields = ImageOptions.model_fields
+        return fields.get(loc[1]), list(fields)
+    fields = RunConfig.model_fields
+    return (fields.get(loc[0]) if loc else None), list(fields)
 
 
-def _allowed(e: dict, loc: list[str]) -> str | None:
+def _value_problem(e: dict, key: str, value: Any, field) -> Problem:
+    """One wrong value: wrong type, out of range or not one of the allowed choices."""
     ctx = e.get("ctx") or {}
-    if "expected" in ctx:
-        return str(ctx["expected"])
-    bounds = [f"{op} {ctx[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in ctx]
+    kind = e["type"]
+    leaf = key.split(".")[-1]
+    example = _example(field)
+    if kind == "literal_error":
+        choices = [c.strip().strip("'\"") for c in re.split(r",| or ", str(ctx.get("expected", ""))) if c.strip()]
+        return Problem(key, "is not one of the allowed values", value=value, allowed=", ".join(choices),
+                       fix=suggestion(str(value), choices) or f"set `{leaf}: {choices[0]}`" if choices else None)
+    bounds = [(k, ctx[k]) for k in ("gt", "ge", "lt", "le") if k in ctx]
     if bounds:
-        return " and ".join(bounds)
-    field = RunConfig.model_fields.get(loc[0]) if loc else None
-    return str(field.annotation).replace("typing.", "") if field is not None and e["type"].endswith("_type") else None
+        words = " and ".join(f"{_RANGE_WORDS[k][0]} {_num(v)}" for k, v in bounds)
+        allowed = " and ".join(f"{_RANGE_WORDS[k][1]} {_num(v)}" for k, v in bounds)
+        return Problem(key, f"must be {words}", value=value, allowed=allowed,
+                       fix=f"set e.g. `{leaf}: {example}`" if example is not None else f"use a value {allowed}")
+    if kind == "missing":
+        return Problem(key, "is required", allowed=_describe_type(field), fix=f"add `{leaf}:`")
+    described = _describe_type(field)
+    return Problem(key, f"must be {described}" if described else e["msg"], value=value, allowed=described,
+                   fix=f"write e.g. `{leaf}: {example}`" if example is not None else None)
+
+
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _describe_type(field) -> str | None:
+    """Plain words for a field's type: `an integer`, `a list of strings, a string or null`…"""
+    import typing
+    from enum import Enum
+
+    if field is None:
+        return None
+
+    def words(tp: Any) -> str:
+        origin = typing.get_origin(tp)
+        if origin is typing.Union or type(tp).__name__ == "UnionType":
+            parts = [words(a) for a in typing.get_args(tp)]
+            return ", ".join(parts[:-1]) + " or " + parts[-1] if len(parts) > 1 else parts[0]
+        if origin is typing.Literal:
+            return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+        if origin in (list, tuple):
+            inner = typing.get_args(tp)
+            return "a list of " + (_PLURAL.get(inner[0], "values") if inner else "values")
+        if isinstance(tp, type) and issubclass(tp, Enum):
+            return "one of " + ", ".join(str(m.value) for m in tp)
+        return _SINGULAR.get(tp, getattr(tp, "__name__", str(tp)))
+
+    return words(field.annotation)
+
+
+_SINGULAR: dict[Any, str] = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                             Path: "a file or folder path", type(None): "null", dict: "a mapping"}
+_PLURAL: dict[Any, str] = {int: "integers", float: "numbers", str: "strings", Path: "paths"}
+
+
+def _example(field) -> Any:
+    """A value that would be accepted, for the fix: the field's default, else a sample of its type."""
+    from enum import Enum
+
+    if field is None:
+        return None
+    if field.description and field.description.startswith("Peak learning rate"):
+        return "2.0e-4"  # the LoRA default; 1.0 (a sample number) would be a harmful suggestion
+    default = field.default
+    if isinstance(default, Enum):
+        return default.value
+    if default is not None and not callable(default) and type(default).__name__ != "PydanticUndefinedType":
+        if isinstance(default, (list, tuple)):
+            return "[" + ", ".join(str(x) for x in default) + "]"
+        if isinstance(default, bool):
+            return str(default).lower()
+        return default
+    text = _describe_type(field) or ""
+    for word, sample in (("a list of strings", "[q_proj, v_proj]"), ("a list of integers", "[0, 1]"),
+                         ("an integer", 1), ("a number", 1.0), ("path", "path/to/file"), ("a string", '"..."')):
+        if word in text:
+            return sample
+    return None
 
 
 def _cross_field(d: Mapping[str, Any]) -> list[Problem]:
-    """Conflicts between fields, checked on the raw values (so they are reported with type errors too)."""
+    """Conflicts between fields, checked on the raw values (so they are reported with type errors too).
+
+    Each rule names the key to change, both values in conflict, what is allowed and the fix.
+    """
     problems: list[Problem] = []
     method = d.get("method", "lora")
     try:
         task = parse_task_type(d.get("task_type", "CAUSAL_LM"))
     except ValueError:
         task = None
-    if method in ("lora", "qlora", "prefix", "ptuning", "prompt", "freeze", "full"):
+    if method in METHOD_DEFAULT_LR:
         for key, methods in KEY_METHODS.items():
             if key in d and method not in methods:
                 problems.append(Problem(key, f"only applies to method {' / '.join(methods)}, but method is `{method}`",
-                                        value=d[key], fix=f"remove `{key}` or set `method: {methods[0]}`"))
+                                        value=d[key], allowed=f"method: {' | '.join(methods)}",
+                                        fix=f"remove `{key}` or set `method: {methods[0]}`"))
+    if method == "qlora" and d.get("quant_bits") == 8:
+        for key in QUANT_KEYS[1:]:
+            if key in d:
+                problems.append(Problem(key, "only applies to 4-bit quantization, but quant_bits is 8", value=d[key],
+                                        allowed="quant_bits: 4", fix=f"remove `{key}` or set `quant_bits: 4`"))
     if d.get("warmup_steps") and d.get("warmup_ratio"):
-        problems.append(Problem("warmup_ratio", "warmup_steps and warmup_ratio are both set", value=d["warmup_ratio"],
+        problems.append(Problem("warmup_ratio", f"warmup_steps ({d['warmup_steps']}) and warmup_ratio are both set",
+                                value=d["warmup_ratio"], allowed="one of warmup_steps, warmup_ratio",
                                 fix="keep one of them"))
+    max_steps, warmup = d.get("max_steps"), d.get("warmup_steps")
+    if _is_int(max_steps) and _is_int(warmup) and max_steps > 0 and warmup >= max_steps:
+        problems.append(Problem("warmup_steps", f"warmup does not end before training does (max_steps is {max_steps})",
+                                value=warmup, allowed=f"< max_steps ({max_steps})",
+                                fix=f"set e.g. `warmup_steps: {max(max_steps // 10, 0)}` or `warmup_ratio: 0.1`"))
     has_val = bool(d.get("val_file")) or bool(d.get("val_size"))
     if d.get("val_file") and d.get("val_size"):
         problems.append(Problem("val_size", "val_size and val_file are both set", value=d["val_size"],
+                                allowed="one of val_size, val_file",
                                 fix="hold out part of the training data (val_size) or give a file (val_file), not both"))
     for key in ("eval_steps", "early_stopping_patience", "keep_best_checkpoint", "eval_generation_metric"):
         if d.get(key) and not has_val:
-            problems.append(Problem(key, "needs a validation set", value=d[key],
+            problems.append(Problem(key, "needs a validation set, but neither val_size nor val_file is set",
+                                    value=d[key], allowed="val_size > 0 or val_file",
                                     fix="set `val_size: 0.1` or `val_file: path/to/val.jsonl`"))
     if d.get("resume_from_checkpoint") and d.get("init_adapter"):
         problems.append(Problem("init_adapter", "resume_from_checkpoint and init_adapter are both set", value=d["init_adapter"],
+                                allowed="one of resume_from_checkpoint, init_adapter",
                                 fix="resume_from_checkpoint continues a run exactly; init_adapter starts a new run from an adapter — pick one"))
-    if d.get("prompt_tuning_init") == "text" and not d.get("prompt_tuning_init_text"):
+    if d.get("resume_from_checkpoint") and d.get("overwrite_output_dir") is True:
+        problems.append(Problem("overwrite_output_dir", "would delete the run that resume_from_checkpoint continues",
+                                value=True, allowed="false when resuming",
+                                fix="remove `overwrite_output_dir` (or remove resume_from_checkpoint to start over)"))
+    if method == "prompt" and d.get("prompt_tuning_init") == "text" and not d.get("prompt_tuning_init_text"):
         problems.append(Problem("prompt_tuning_init_text", "is required when prompt_tuning_init is `text`",
+                                allowed="a non-empty string",
                                 fix="set prompt_tuning_init_text: \"Answer the medical question:\""))
+    if method == "prompt" and d.get("prompt_tuning_init_text") and d.get("prompt_tuning_init", "random") != "text":
+        problems.append(Problem("prompt_tuning_init", "prompt_tuning_init_text is set but would be ignored",
+                                value=d.get("prompt_tuning_init", "random"), allowed="text",
+                                fix="set `prompt_tuning_init: text` (or remove prompt_tuning_init_text)"))
+    if method == "freeze":
+        chosen = [k for k in ("freeze_trainable_layers", "freeze_layer_indices") if d.get(k) is not None]
+        if len(chosen) == 2:
+            problems.append(Problem("freeze_layer_indices", "freeze_trainable_layers and freeze_layer_indices both "
+                                    "choose the trained blocks", value=d["freeze_layer_indices"],
+                                    allowed="one of freeze_trainable_layers, freeze_layer_indices",
+                                    fix="keep one: the last N blocks (freeze_trainable_layers) or exact indices"))
+        if d.get("freeze_trainable_layers") == 0 and not any(d.get(k) for k in FREEZE_KEYS[2:]):
+            problems.append(Problem("freeze_trainable_layers", "0 blocks and nothing else trainable: nothing would train",
+                                    value=0, allowed="a non-zero integer, or freeze_trainable_modules / "
+                                    "freeze_train_embeddings / freeze_train_lm_head",
+                                    fix="set e.g. `freeze_trainable_layers: 2` (the last two blocks)"))
+    if isinstance(d.get("target_modules"), str) and d.get("layers_to_transform") is not None:
+        problems.append(Problem("layers_to_transform", "cannot be combined with a regex `target_modules` (PEFT ignores "
+                                "it then)", value=d["layers_to_transform"], allowed="target_modules as a list of names",
+                                fix="write target_modules as a list, e.g. `[q_proj, v_proj]`, or put the layer "
+                                    "numbers into the regex"))
     if d.get("batching") == "packed" and task is not None and task is not TaskType.CAUSAL_LM:
         problems.append(Problem("batching", f"packing is only for CAUSAL_LM, task_type is {task.value}", value="packed",
                                 allowed="auto, padded, grouped", fix="use `batching: grouped`"))
+    if d.get("batching") == "packed" and method in ("prefix", "ptuning", "prompt"):
+        problems.append(Problem("batching", f"packing is not safe with method `{method}`: virtual tokens would be "
+                                "shared by every example in a packed row", value="packed",
+                                allowed="auto, padded, grouped", fix="use `batching: grouped`"))
     if task is TaskType.TEXT_TO_IMAGE and method != "lora":
-        problems.append(Problem("method", "text-to-image trains LoRA only", value=method, allowed="lora", fix="set `method: lora`"))
+        problems.append(Problem("method", "text-to-image trains LoRA only", value=method, allowed="lora",
+                                fix="set `method: lora`"))
     if d.get("image") is not None and task is not None and task is not TaskType.TEXT_TO_IMAGE:
         problems.append(Problem("image", f"image options are only used with task_type text-to-image (task_type is {task.value})",
+                                allowed="task_type: text-to-image",
                                 fix="remove the `image:` section or set `task_type: text-to-image`"))
     v = d.get("val_size")
     if isinstance(v, float) and 1 < v and not v.is_integer():
-        problems.append(Problem("val_size", "must be a fraction below 1 or a whole count", value=v, allowed="0 <= x < 1, or an integer >= 1"))
+        problems.append(Problem("val_size", "must be a fraction below 1 or a whole count", value=v,
+                                allowed="0 <= x < 1, or an integer >= 1", fix="e.g. `val_size: 0.1` or `val_size: 50`"))
     if not d.get("train_data_dir") and not d.get("metadata_path"):
-        problems.append(Problem("metadata_path", "no training data given",
+        problems.append(Problem("metadata_path", "no training data given", allowed="a .jsonl or .json file",
                                 fix="set `metadata_path: data/train.jsonl` (or `train_data_dir:` a folder of .jsonl files)"))
     return problems
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
