@@ -1,16 +1,19 @@
 """Checks that need the model's config (not its weights) and the data, run before any training.
 
-`loraforge validate` runs exactly this; `loraforge train` runs it first. Every problem — config, data, task type
-vs architecture, target modules vs the real module names — is collected and reported together.
+`loraforge validate` runs exactly this; `loraforge train` runs it first. Every problem — data files and lines,
+task type vs architecture, target modules vs the real module names (from a meta-device build), method-specific
+rules, packing safety, precision — is collected and reported together, so one run of `validate` lists every
+mistake. Nothing here reads model weights: a folder with only config.json and tokenizer files validates.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from loraforge.config import RunConfig
+from loraforge.config import RunConfig, TaskType
 from loraforge.errors import LoraforgeError, Problem
 
 
@@ -20,41 +23,174 @@ class PreflightError(LoraforgeError):
 
 @dataclass
 class PreflightReport:
-    model_dir: Path
-    model_type: str
-    kind: str
+    """What preflight learned; printed as a short summary by `validate`.
+
+    Attributes:
+        model_dir: the resolved model folder.
+        model_type: `model_type` from config.json (`llama`).
+        kind: decoder-only, encoder-decoder or encoder-only.
+        target_modules: what LoRA will adapt (the family default when the config leaves it out).
+        batching: the batching the trainer will use (`auto` resolved).
+        data_stats: the data teammate's `DataStats` (example count, token-length percentiles, overlong count).
+        notes: facts worth knowing that are not errors (e.g. the folder has no weights yet).
+    """
+
+    model_dir: Path | None = None
+    model_type: str = "?"
+    kind: str = "?"
     target_modules: list[str] | str | None = None
+    batching: str | None = None
+    data_stats: Any = None
     notes: list[str] = field(default_factory=list)
+
+    def summary(self, cfg: RunConfig) -> str:
+        line = f"preflight OK: {self.model_type} ({self.kind}), task {cfg.task_type.value}, method {cfg.method}"
+        if self.target_modules:
+            line += f", target_modules {self.target_modules}"
+        if self.batching:
+            line += f", batching {self.batching}"
+        return "\n".join([line] + [f"note: {n}" for n in self.notes])
 
 
 def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print) -> PreflightReport:
-    """Raise PreflightError listing every problem found; otherwise print a short summary and return it."""
-    from loraforge.data.formats import load_conversations, resolve_train_files
-    from loraforge.models.discovery import check_target_modules, load_hf_config, meta_model, resolve_target_modules
+    """Check the model config, the method and the data against `cfg` without loading weights.
+
+    Model-side and data-side checks run independently, so a missing model dir and a bad data line are
+    reported in the same error.
+
+    Raises:
+        PreflightError: every problem found, each naming its key (or file:line), value, what is allowed and the fix.
+    """
+    problems: list[Problem] = []
+    report = PreflightReport()
+    hf_config = _collect(problems, _model_checks, cfg, report)
+    if hf_config is not None:
+        problems += _collect(problems, _method_checks, cfg, hf_config) or []
+        _collect(problems, _batching_check, cfg, report)
+    problems += _precision_problems(cfg)
+    _collect(problems, _data_checks, cfg, report, model_ok=hf_config is not None)
+    if problems:
+        raise PreflightError(_dedupe(problems))
+    echo(report.summary(cfg))
+    if report.data_stats is not None:
+        from loraforge.data.checks import format_stats
+
+        echo(format_stats(report.data_stats))
+    return report
+
+
+def _collect(problems: list[Problem], check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run one check; a LoraforgeError it raises adds its problems instead of stopping the others."""
+    try:
+        return check(*args, **kwargs)
+    except LoraforgeError as err:
+        problems += err.problems
+        return None
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for p in problems:
+        if (p.key, p.message) not in seen:
+            seen.add((p.key, p.message))
+            out.append(p)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ model side
+
+def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
+    """Resolve the model, read its config, check the task type and target_modules. Returns the HF config,
+    or raises with every model-side problem."""
+    from loraforge.models.discovery import check_target_modules, load_hf_config, resolve_target_modules, try_meta_model
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.registry import check_task_type, model_kind
 
-    problems: list[Problem] = []
-    model_dir = resolve_model_path(cfg.base_model)  # raises ModelError on its own: nothing else can be checked
+    model_dir = resolve_model_path(cfg.base_model)
     hf_config = load_hf_config(model_dir, cfg.trust_remote_code)
-    report = PreflightReport(model_dir, getattr(hf_config, "model_type", "?"), model_kind(hf_config))
-    task_problems = check_task_type(hf_config, cfg.task_type)
-    problems += task_problems
-    if cfg.method in ("lora", "qlora") and not task_problems and cfg.init_adapter is None:
-        meta = meta_model(hf_config, cfg.task_type, trust_remote_code=cfg.trust_remote_code)
-        target_problems = check_target_modules(hf_config, meta, cfg.target_modules)
-        problems += target_problems
-        if not target_problems:
+    report.model_dir = model_dir
+    report.model_type = str(getattr(hf_config, "model_type", "?"))
+    report.kind = model_kind(hf_config)
+    problems = check_task_type(hf_config, cfg.task_type)
+    if not problems and cfg.method in ("lora", "qlora") and cfg.init_adapter is None:
+        meta = try_meta_model(hf_config, cfg.task_type, trust_remote_code=cfg.trust_remote_code)
+        problems += check_target_modules(hf_config, meta, cfg.target_modules)
+        if not problems:
             report.target_modules = resolve_target_modules(hf_config, meta, cfg.target_modules)
-    try:
-        files = resolve_train_files(cfg)
-        load_conversations(files, cfg.system_prompt)
-        if cfg.val_file is not None:
-            load_conversations([Path(cfg.val_file)], cfg.system_prompt)
-    except LoraforgeError as e:
-        problems += e.problems
+    if cfg.init_adapter is not None and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
+        problems.append(Problem("init_adapter", "not an adapter folder (no adapter_config.json)",
+                                value=str(cfg.init_adapter), allowed="a folder written by `loraforge train`",
+                                fix="point init_adapter at a finished run's output_dir"))
+    if not _has_weights(model_dir):
+        report.notes.append(f"{model_dir} has no weight files yet: validation needs none, training will")
     if problems:
         raise PreflightError(problems)
-    echo(f"preflight OK: {report.model_type} ({report.kind}), task {cfg.task_type.value}, method {cfg.method}"
-         + (f", target_modules {report.target_modules}" if report.target_modules else ""))
-    return report
+    return hf_config
+
+
+def _has_weights(model_dir: Path) -> bool:
+    return any(any(model_dir.glob(g)) for g in ("*.safetensors", "*.bin", "*.gguf"))
+
+
+def _method_checks(cfg: RunConfig, hf_config: Any) -> list[Problem]:
+    """The method module's own `check(cfg, hf_config) -> list[Problem]`, when it defines one."""
+    from loraforge.methods import METHODS
+
+    try:
+        module = importlib.import_module(f"loraforge.methods.{METHODS[cfg.method]}")
+    except ModuleNotFoundError:
+        return [Problem("method", "this method is not available in this installation", value=cfg.method,
+                        allowed=", ".join(METHODS))]
+    check = getattr(module, "check", None)
+    return list(check(cfg, hf_config)) if callable(check) else []
+
+
+def _batching_check(cfg: RunConfig, report: PreflightReport) -> None:
+    """The trainer's own packing-safety rule (train/setup.py), so `validate` refuses what `train` would."""
+    from loraforge.train.setup import choose_batching
+
+    if cfg.task_type is TaskType.TEXT_TO_IMAGE or report.model_dir is None:
+        return
+    report.batching = choose_batching(cfg, report.model_dir)
+
+
+def _precision_problems(cfg: RunConfig) -> list[Problem]:
+    """fp16 mixed precision needs CUDA (the trainer would refuse it after loading the model)."""
+    if cfg.precision != "fp16":
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return [Problem("precision", "fp16 mixed precision needs a CUDA GPU, and none is available", value="fp16",
+                    allowed="auto, fp32, bf16", fix="use `precision: bf16` (or auto) on CPU")]
+
+
+# ------------------------------------------------------------------------------------------------- data side
+
+def _data_checks(cfg: RunConfig, report: PreflightReport, *, model_ok: bool) -> None:
+    """Every file and line of the training (and validation) data; with a usable tokenizer, also tokenize with
+    the training template to count overlong examples and report token-length percentiles."""
+    from loraforge.data.formats import load_conversations, resolve_train_files
+
+    problems: list[Problem] = []
+    files = _collect(problems, resolve_train_files, cfg)
+    if files:
+        _collect(problems, load_conversations, files, cfg.system_prompt)
+    if cfg.val_file is not None:
+        if not Path(cfg.val_file).is_file():
+            problems.append(Problem("val_file", "validation data file not found", value=str(cfg.val_file),
+                                    allowed="an existing .jsonl / .json / .csv file",
+                                    fix="fix the path, or use `val_size: 0.1` to hold out training rows"))
+        else:
+            _collect(problems, load_conversations, [Path(cfg.val_file)], cfg.system_prompt)
+    if problems:
+        raise PreflightError(problems)
+    if not model_ok or report.model_dir is None:
+        return
+    from loraforge.data.dataset import build_datasets
+    from loraforge.models.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(report.model_dir, trust_remote_code=cfg.trust_remote_code)
+    report.data_stats = build_datasets(cfg, tokenizer).stats
