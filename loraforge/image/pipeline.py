@@ -49,7 +49,7 @@ def load_pipeline(base: str | Path, *, dtype=None, base_config: str | Path | Non
         if "safety_checker" in components and not safety_checker:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
-            return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kwargs)
+            return DiffusionPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
         except (OSError, ValueError) as e:
             raise ModelError([Problem(key, f"the pipeline dir does not load: {e}", value=str(path))]) from None
     if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
@@ -64,7 +64,7 @@ def load_pipeline(base: str | Path, *, dtype=None, base_config: str | Path | Non
             cls = StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline
             cfg_kwargs["config"] = str(config_dir)
         try:
-            pipe = cls.from_single_file(str(path), torch_dtype=dtype, local_files_only=True, **cfg_kwargs)
+            pipe = cls.from_single_file(str(path), dtype=dtype, local_files_only=True, **cfg_kwargs)
         except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError/KeyError here
             raise ModelError([Problem(key, f"single-file checkpoint cannot be loaded offline: {e}", value=str(path),
                                       fix="set `image.base_config:` to a local diffusers pipeline dir of the same "

@@ -1,0 +1,253 @@
+"""Stable Diffusion LoRA end to end on a tiny random pipeline (CPU, no downloads).
+
+train → the run dir loads with diffusers' `load_lora_weights` and reproduces the training-time validation image;
+kohya export round-trips through diffusers' own kohya loader with the true alpha; resume replays the exact
+losses; image-to-image and weighted LoRA mixing work; mistakes raise loraforge errors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from loraforge.config import config_from_dict  # noqa: E402
+from loraforge.errors import ConfigError, ModelError  # noqa: E402
+
+PROMPT = "a red cat"
+RES = 32
+# rank 4 with alpha 8: a kohya export that wrote alpha = rank would halve the LoRA and fail the round trip.
+RANK, ALPHA = 4, 8
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    from loraforge.image.tiny import tiny_pipeline_dir
+
+    return tiny_pipeline_dir(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Six 40×48 images of two flat colours with a gradient, captioned, in a kohya `2_` folder."""
+    root = tmp_path_factory.mktemp("images")
+    folder = root / "2_cat"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        arr = np.zeros((48, 40, 3), dtype=np.uint8)
+        arr[..., 0] = np.linspace(120, 255, 40, dtype=np.uint8)[None, :]
+        arr[..., 1] = 20 + 10 * i
+        arr = np.clip(arr + rng.integers(0, 20, arr.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"cat{i}.png")
+        (folder / f"cat{i}.txt").write_text(PROMPT)
+    return root
+
+
+def _cfg(base: Path, data: Path, out: Path, **over):
+    image = {"resolution": RES, "num_inference_steps": 3, "guidance_scale": 2.0, **over.pop("image", {})}
+    raw = {"task_type": "text-to-image", "base_model": str(base), "train_data_dir": str(data), "output_dir": str(out),
+           "lora_rank": RANK, "lora_alpha": ALPHA, "batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 4,
+           "learning_rate": 5e-3, "lr_scheduler": "cosine", "warmup_steps": 1, "precision": "fp32", "save_steps": 2,
+           "logging_steps": 1, "seed": 7, "report_to": ["none"], "image": image, **over}
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def run(base, data_dir, tmp_path_factory) -> Path:
+    """Four optimizer steps (2 micro-batches each), checkpoints at step 2, validation at steps 2 and 4."""
+    from loraforge.image.train import train_image_lora
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    cfg = _cfg(base, data_dir, out, image={"validation_prompts": [PROMPT], "validation_steps": 2})
+    assert train_image_lora(cfg, echo=lambda _m: None) == out
+    return out
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _unet_outputs(pipe) -> torch.Tensor:
+    """UNet noise prediction on fixed inputs with the pipeline's own text encoding."""
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, RES // 2, RES // 2, generator=g)
+    ids = pipe.tokenizer([PROMPT, "a dog"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = pipe.text_encoder(ids)[0]
+        return pipe.unet(latents, torch.tensor([10, 700]), text).sample
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_training_writes_a_complete_run(run):
+    names = {p.name for p in run.iterdir()}
+    assert {"pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "config.yaml", "run.json", "metrics.jsonl",
+            "loss.png", "validation", "checkpoint-2"} <= names
+    rows = _metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    assert rows[0]["lr"] > 0
+    assert sorted(p.name for p in (run / "validation").iterdir()) == ["step-000002-0.png", "step-000004-0.png"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["global_step"] == 4 and info["images"] == 3 and info["views_per_epoch"] == 6
+    # the resolved config is saved, every default filled in
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["task_type"] == "TEXT_TO_IMAGE" and saved["lora_alpha"] == ALPHA and saved["image"]["resolution"] == RES
+
+
+def test_saved_lora_reproduces_training_time_image_and_changes_the_base(run, base):
+    from loraforge.image.generate import generate_image, load_generation_pipeline, render
+
+    kwargs = dict(num_inference_steps=3, guidance_scale=2.0, seed=7, height=RES, width=RES)
+    with_lora = generate_image(base, PROMPT, loras=[(run, 1.0)], **kwargs)
+    # the validation image rendered inside training at the last step, from the same seed and settings
+    at_training = Image.open(run / "validation" / "step-000004-0.png")
+    np.testing.assert_array_equal(_pixels(with_lora), _pixels(at_training))
+
+    plain = load_generation_pipeline(base)
+    without = render(plain, PROMPT, **kwargs)
+    assert np.abs(_pixels(with_lora) - _pixels(without)).max() > 0
+    # weight 0 switches the LoRA off: the base image again
+    off = render(load_generation_pipeline(base, [(run, 0.0)]), PROMPT, **kwargs)
+    np.testing.assert_array_equal(_pixels(off), _pixels(without))
+
+
+def test_kohya_export_round_trips_through_diffusers_with_true_alpha(run, base, tmp_path):
+    from safetensors.torch import load_file
+
+    from loraforge.image.generate import load_generation_pipeline
+    from loraforge.image.kohya import export_kohya
+
+    kohya = load_file(str(run / "lora_kohya.safetensors"))
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
+    assert any(k.endswith("to_out_0.lora_up.weight") for k in kohya)
+    alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
+    assert alphas == {float(ALPHA)}
+    assert kohya["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == RANK
+
+    diffusers_out = _unet_outputs(load_generation_pipeline(base, [(run, 1.0)]))
+    kohya_out = _unet_outputs(load_generation_pipeline(base, [(run / "lora_kohya.safetensors", 1.0)]))
+    base_out = _unet_outputs(load_generation_pipeline(base))
+    assert (diffusers_out - base_out).abs().max() > 1e-3  # the LoRA matters on these inputs
+    torch.testing.assert_close(kohya_out, diffusers_out, atol=1e-5, rtol=1e-5)
+
+    # the trap this guards against: alpha = rank gives a different (half-strength) LoRA
+    wrong = export_kohya(run, tmp_path / "wrong.safetensors", alpha=RANK)
+    wrong_out = _unet_outputs(load_generation_pipeline(base, [(wrong, 1.0)]))
+    assert (wrong_out - diffusers_out).abs().max() > 1e-4
+
+
+def test_kohya_export_refuses_to_guess_alpha(run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from loraforge.image.kohya import export_kohya
+
+    bare = tmp_path / "bare.safetensors"  # the weights without header metadata and without config.yaml
+    save_file(load_file(str(run / "pytorch_lora_weights.safetensors")), str(bare))
+    with pytest.raises(ModelError, match="alpha is not recorded"):
+        export_kohya(bare, tmp_path / "out.safetensors")
+    out = export_kohya(bare, tmp_path / "out.safetensors", alpha=ALPHA)
+    assert {float(v) for k, v in load_file(str(out)).items() if k.endswith(".alpha")} == {float(ALPHA)}
+
+
+def test_resume_replays_the_uninterrupted_run(run, base, data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from loraforge.image.train import train_image_lora
+
+    # A run that "stopped" after its step-2 checkpoint: only that checkpoint exists in its dir.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
+    (resumed / "metrics.jsonl").write_text("{\"step\": 3, \"loss\": 123.0}\n")  # a line the crash left behind
+    cfg = _cfg(base, data_dir, resumed, resume_from_checkpoint="latest",
+               image={"validation_prompts": [PROMPT], "validation_steps": 2})
+    train_image_lora(cfg, echo=lambda _m: None)
+
+    expected, got = _metrics(run), _metrics(resumed)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in expected], rtol=1e-6)
+    np.testing.assert_allclose([r["lr"] for r in got], [r["lr"] for r in expected], rtol=1e-9)
+    a = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_text_encoder_v_prediction_min_snr_bf16(base, data_dir, tmp_path):
+    """Every optional objective switch at once: trains, saves a text-encoder LoRA, and it round-trips."""
+    from safetensors.torch import load_file
+
+    from loraforge.image.generate import load_generation_pipeline
+    from loraforge.image.train import train_image_lora
+
+    out = tmp_path / "te"
+    cfg = _cfg(base, data_dir, out, max_steps=2, save_steps=None, precision="bf16", lora_dropout=0.0,
+               save_total_limit=1,
+               image={"train_text_encoder": True, "prediction_type": "v_prediction", "snr_gamma": 5.0,
+                      "noise_offset": 0.1, "random_flip": True, "center_crop": False})
+    train_image_lora(cfg, echo=lambda _m: None)
+    assert all(np.isfinite(r["loss"]) for r in _metrics(out))
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
+    kohya = load_file(str(out / "lora_kohya.safetensors"))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in kohya)
+
+    diffusers_pipe = load_generation_pipeline(base, [(out, 1.0)])
+    kohya_pipe = load_generation_pipeline(base, [(out / "lora_kohya.safetensors", 1.0)])
+    torch.testing.assert_close(_unet_outputs(kohya_pipe), _unet_outputs(diffusers_pipe), atol=1e-5, rtol=1e-5)
+
+
+def test_image_to_image(run, base, tmp_path):
+    from loraforge.image.generate import generate_image, load_generation_pipeline, render
+
+    init = Image.new("RGB", (48, 40), (250, 250, 0))
+    init.save(tmp_path / "init.png")
+    out_file = tmp_path / "out" / "img.png"
+    image = generate_image(base, PROMPT, loras=[(run, 0.7)], init_image=tmp_path / "init.png", strength=0.6,
+                           num_inference_steps=4, guidance_scale=2.0, out_path=out_file)
+    assert out_file.is_file() and image.size == (48, 40)
+    pipe = load_generation_pipeline(base, [(run, 0.7)])
+    weak = render(pipe, PROMPT, init_image=init, strength=0.25, num_inference_steps=4, guidance_scale=2.0)
+    strong = render(pipe, PROMPT, init_image=init, strength=1.0, num_inference_steps=4, guidance_scale=2.0)
+    yellow = _pixels(init)
+    # a low strength stays nearer the init image than a full-strength run
+    assert np.abs(_pixels(weak) - yellow).mean() < np.abs(_pixels(strong) - yellow).mean()
+    with pytest.raises(ConfigError, match="strength"):
+        render(pipe, PROMPT, init_image=init, strength=1.5)
+
+
+def test_user_mistakes_are_loraforge_errors(base, data_dir, tmp_path, run):
+    from loraforge.image.generate import generate_image, parse_lora_arg
+    from loraforge.image.train import train_image_lora
+
+    with pytest.raises(ModelError, match="no local Stable Diffusion model"):
+        train_image_lora(_cfg(tmp_path / "missing", data_dir, tmp_path / "a"), echo=lambda _m: None)
+    with pytest.raises(ConfigError) as err:
+        train_image_lora(_cfg(base, data_dir, tmp_path / "b", target_modules=["to_q", "to_kk"]), echo=lambda _m: None)
+    assert "target_modules[1]" in err.value.format() and "did you mean `to_k`?" in err.value.format()
+    with pytest.raises(ConfigError, match="multiple of the VAE"):
+        train_image_lora(_cfg(base, data_dir, tmp_path / "c", image={"resolution": 33}), echo=lambda _m: None)
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        train_image_lora(_cfg(base, data_dir, run), echo=lambda _m: None)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        train_image_lora(_cfg(base, data_dir, tmp_path / "d", resume_from_checkpoint="latest"), echo=lambda _m: None)
+    with pytest.raises(ModelError, match="LoRA not found"):
+        generate_image(base, PROMPT, loras=[(tmp_path / "nope", 1.0)])
+    assert parse_lora_arg("runs/cat:0.8") == ("runs/cat", 0.8)
+    assert parse_lora_arg("runs/cat") == ("runs/cat", 1.0)
