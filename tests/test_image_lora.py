@@ -251,3 +251,43 @@ def test_user_mistakes_are_loraforge_errors(base, data_dir, tmp_path, run):
         generate_image(base, PROMPT, loras=[(tmp_path / "nope", 1.0)])
     assert parse_lora_arg("runs/cat:0.8") == ("runs/cat", 0.8)
     assert parse_lora_arg("runs/cat") == ("runs/cat", 1.0)
+
+
+def test_single_file_checkpoint_errors_are_model_errors(base, data_dir, tmp_path):
+    from loraforge.image.pipeline import load_pipeline
+
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="single-file checkpoint cannot be loaded offline"):
+        load_pipeline(bogus)
+    with pytest.raises(ModelError, match="no model_index.json"):
+        load_pipeline(bogus, base_config=tmp_path)
+    with pytest.raises(ModelError, match="not a diffusers pipeline dir"):
+        load_pipeline(tmp_path)
+
+
+def test_cli_routes_image_to_image_config_to_the_image_trainer(base, data_dir, tmp_path):
+    """`loraforge train` on the article's `task_type: image-to-image`, then generate-image and export-kohya."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+
+    out = tmp_path / "cli-run"
+    cfg = {"task_type": "image-to-image", "base_model": str(base), "train_data_dir": str(data_dir),
+           "output_dir": str(out), "lora_rank": RANK, "lora_alpha": ALPHA, "batch_size": 2, "max_steps": 1,
+           "precision": "fp32", "report_to": ["none"], "image": {"resolution": RES}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(tmp_path / "cfg.yaml")])
+    assert result.exit_code == 0, result.output
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "lora_kohya.safetensors").is_file()
+
+    image = tmp_path / "img.png"
+    result = runner.invoke(app, ["generate-image", "--prompt", PROMPT, "--base", str(base), "--lora", f"{out}:0.5",
+                                 "--steps", "2", "--out", str(image)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(image).size == (64, 64)  # the tiny pipeline's default size
+    result = runner.invoke(app, ["export-kohya", str(out), "--out", str(tmp_path / "k.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "k.safetensors").is_file()
