@@ -291,3 +291,39 @@ def test_cli_routes_image_to_image_config_to_the_image_trainer(base, data_dir, t
     result = runner.invoke(app, ["export-kohya", str(out), "--out", str(tmp_path / "k.safetensors")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "k.safetensors").is_file()
+
+
+def test_sdxl_lora_with_both_text_encoders(data_dir, tmp_path):
+    """SDXL: two text encoders + size conditioning; kohya te1/te2 export round-trips; validation image reproduces."""
+    from safetensors.torch import load_file
+
+    from loraforge.image.generate import generate_image, load_generation_pipeline
+    from loraforge.image.tiny import tiny_sdxl_pipeline_dir
+    from loraforge.image.train import train_image_lora
+
+    base = tiny_sdxl_pipeline_dir(tmp_path / "sdxl")
+    out = tmp_path / "sdxl-run"
+    cfg = _cfg(base, data_dir, out, max_steps=2, save_steps=None, lora_dropout=0.0,
+               image={"train_text_encoder": True, "validation_prompts": [PROMPT], "center_crop": False})
+    train_image_lora(cfg, echo=lambda _m: None)
+    assert all(np.isfinite(r["loss"]) for r in _metrics(out))
+    kohya = load_file(str(out / "lora_kohya.safetensors"))
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+
+    def unet_out(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=[PROMPT], device=torch.device("cpu"),
+                                                  do_classifier_free_guidance=False)
+        latents = torch.randn(1, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(3))
+        time_ids = torch.tensor([[48.0, 40.0, 0.0, 4.0, RES, RES]])
+        with torch.no_grad():
+            return pipe.unet(latents, torch.tensor([300]), embeds,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    diffusers_out = unet_out(load_generation_pipeline(base, [(out, 1.0)]))
+    kohya_out = unet_out(load_generation_pipeline(base, [(out / "lora_kohya.safetensors", 1.0)]))
+    assert (diffusers_out - unet_out(load_generation_pipeline(base))).abs().max() > 1e-3
+    torch.testing.assert_close(kohya_out, diffusers_out, atol=1e-5, rtol=1e-5)
+
+    image = generate_image(base, PROMPT, loras=[(out, 1.0)], num_inference_steps=3, guidance_scale=2.0, seed=7,
+                           height=RES, width=RES)
+    np.testing.assert_array_equal(_pixels(image), _pixels(Image.open(out / "validation" / "step-000002-0.png")))

@@ -149,6 +149,13 @@ def load_image(path: Path, resolution: int, *, center_crop: bool = True, flip: b
     The short side is resized to ``resolution`` (bicubic), then a square is cropped: in the center, or at a
     position drawn from ``rng``; ``flip`` mirrors it horizontally. EXIF rotation is applied first.
     """
+    return load_image_with_geometry(path, resolution, center_crop=center_crop, flip=flip, rng=rng)[0]
+
+
+def load_image_with_geometry(path: Path, resolution: int, *, center_crop: bool = True, flip: bool = False,
+                             rng: random.Random | None = None) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """`load_image`, plus the original (height, width) and the crop's (top, left) in the resized image:
+    SDXL is conditioned on both (Podell et al. 2023, "micro-conditioning")."""
     from PIL import Image, ImageOps
 
     rng = rng or random.Random(0)
@@ -165,5 +172,6 @@ def load_image(path: Path, resolution: int, *, center_crop: bool = True, flip: b
     im = im.crop((left, top, left + resolution, top + resolution))
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = nw - resolution - left  # where the crop sits in the mirrored image
     arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # [H, W, 3] in [-1, 1]
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)), (h, w), (top, left)

@@ -60,12 +60,16 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path, alpha: float | None
         raise ModelError([Problem(str(src), "keys in an unknown LoRA layout", value=unknown[:3],
                                   allowed="diffusers LoRA keys `unet.<module>.lora_A.weight` / `.lora.down.weight`")])
 
+    # SDXL (two text encoders) names them te1/te2; SD 1.x/2.x's single encoder is `te`.
+    prefixes = dict(_PREFIXES)
+    if any(c == "text_encoder_2" for c, _ in pairs) or header_says_sdxl(header):
+        prefixes["text_encoder"] = "lora_te1_"
     out: dict[str, Any] = {}
     for (component, module), mats in sorted(pairs.items()):
         if set(mats) != {"down", "up"}:
             raise ModelError([Problem(str(src), f"{component}.{module} lacks its lora_{'up' if 'down' in mats else 'down'} matrix")])
         rank = mats["down"].shape[0]
-        name = _PREFIXES[component] + _kohya_module(component, module).replace(".", "_")
+        name = prefixes[component] + _kohya_module(component, module).replace(".", "_")
         out[f"{name}.lora_down.weight"] = mats["down"].contiguous()
         out[f"{name}.lora_up.weight"] = mats["up"].contiguous()
         out[f"{name}.alpha"] = torch.tensor(_kohya_alpha(settings, component, module, rank), dtype=torch.float32)
@@ -79,6 +83,11 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path, alpha: float | None
                                        "ss_network_alpha": f"{alphas[0]:g}" if alphas else ""})
     tmp.replace(out_file)
     return out_file
+
+
+def header_says_sdxl(header: dict[str, str]) -> bool:
+    """The adapter metadata lists a `text_encoder_2` config only for SDXL LoRAs."""
+    return "text_encoder_2." in header.get("lora_adapter_metadata", "")
 
 
 def _weights_file(path: Path) -> Path:

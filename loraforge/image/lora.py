@@ -34,11 +34,13 @@ def add_lora(pipe: Any, cfg: RunConfig, opts: ImageOptions) -> None:
     """
     from peft import LoraConfig
 
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    for module in [pipe.unet, pipe.vae] + [m for _, m in text_encoders(pipe)]:
         module.requires_grad_(False)
     problems = check_targets(pipe.unet, unet_targets(cfg), "target_modules")
     if opts.train_text_encoder:
-        problems += check_targets(pipe.text_encoder, opts.text_encoder_target_modules, "image.text_encoder_target_modules")
+        for _, encoder in text_encoders(pipe):
+            problems += check_targets(encoder, opts.text_encoder_target_modules, "image.text_encoder_target_modules")
+    problems = list(dict.fromkeys(problems))  # SDXL's two encoders would report the same name twice
     if problems:
         raise ConfigError(problems)
 
@@ -49,7 +51,8 @@ def add_lora(pipe: Any, cfg: RunConfig, opts: ImageOptions) -> None:
 
     pipe.unet.add_adapter(lora_config(unet_targets(cfg)), adapter_name=ADAPTER)
     if opts.train_text_encoder:
-        pipe.text_encoder.add_adapter(lora_config(opts.text_encoder_target_modules), adapter_name=ADAPTER)
+        for _, encoder in text_encoders(pipe):
+            encoder.add_adapter(lora_config(opts.text_encoder_target_modules), adapter_name=ADAPTER)
     # Adapters train in fp32 even when the frozen base is bf16/fp16: tiny LoRA updates vanish in 16-bit.
     for module in trainable_modules(pipe, opts):
         for p in module.parameters():
@@ -57,8 +60,19 @@ def add_lora(pipe: Any, cfg: RunConfig, opts: ImageOptions) -> None:
                 p.data = p.data.float()
 
 
+def text_encoders(pipe: Any) -> list[tuple[str, Any]]:
+    """(component name, module) of each text encoder: one for SD 1.x/2.x, two for SDXL."""
+    return [(name, getattr(pipe, name)) for name in ("text_encoder", "text_encoder_2")
+            if getattr(pipe, name, None) is not None]
+
+
+def trainable_components(pipe: Any, opts: ImageOptions) -> list[tuple[str, Any]]:
+    """(component name, module) of everything that carries a trainable adapter."""
+    return [("unet", pipe.unet)] + (text_encoders(pipe) if opts.train_text_encoder else [])
+
+
 def trainable_modules(pipe: Any, opts: ImageOptions) -> list[Any]:
-    return [pipe.unet, pipe.text_encoder] if opts.train_text_encoder else [pipe.unet]
+    return [m for _, m in trainable_components(pipe, opts)]
 
 
 def check_targets(model: Any, targets: list[str] | str, key: str) -> list[Problem]:
@@ -79,8 +93,8 @@ def check_targets(model: Any, targets: list[str] | str, key: str) -> list[Proble
     return problems
 
 
-def lora_state_dicts(pipe: Any, opts: ImageOptions) -> tuple[dict, dict | None]:
-    """(UNet, text encoder or None) LoRA weights in the diffusers key format."""
+def lora_state_dicts(pipe: Any, opts: ImageOptions) -> dict[str, dict]:
+    """Component name → its LoRA weights in the diffusers key format."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -88,19 +102,19 @@ def lora_state_dicts(pipe: Any, opts: ImageOptions) -> tuple[dict, dict | None]:
         sd = get_peft_model_state_dict(module, adapter_name=ADAPTER)
         return {k: v.detach().float().contiguous().cpu() for k, v in convert_state_dict_to_diffusers(sd).items()}
 
-    return export(pipe.unet), export(pipe.text_encoder) if opts.train_text_encoder else None
+    return {name: export(module) for name, module in trainable_components(pipe, opts)}
 
 
 def save_lora(out_dir: Path, pipe: Any, opts: ImageOptions) -> Path:
     """Write `out_dir/pytorch_lora_weights.safetensors` with each adapter's LoraConfig in the header."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    unet_sd, te_sd = lora_state_dicts(pipe, opts)
-    StableDiffusionPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd, weight_name=WEIGHTS_NAME,
-        unet_lora_adapter_metadata=_metadata(pipe.unet),
-        text_encoder_lora_adapter_metadata=_metadata(pipe.text_encoder) if te_sd else None,
-    )
+    writer = StableDiffusionXLPipeline if getattr(pipe, "text_encoder_2", None) is not None else StableDiffusionPipeline
+    kwargs: dict[str, Any] = {}
+    for name, sd in lora_state_dicts(pipe, opts).items():
+        kwargs[f"{name}_lora_layers"] = sd
+        kwargs[f"{name}_lora_adapter_metadata"] = _metadata(getattr(pipe, name))
+    writer.save_lora_weights(out_dir, weight_name=WEIGHTS_NAME, **kwargs)
     return Path(out_dir) / WEIGHTS_NAME
 
 
@@ -116,11 +130,8 @@ def load_lora_into_adapters(pipe: Any, opts: ImageOptions, weights_dir: Path) ->
     from safetensors.torch import load_file
 
     sd = load_file(str(Path(weights_dir) / WEIGHTS_NAME))
-    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder if opts.train_text_encoder else None}
-    for prefix, module in parts.items():
+    for prefix, module in trainable_components(pipe, opts):
         sub = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
-        if module is None:
-            continue
         result = set_peft_model_state_dict(module, convert_unet_state_dict_to_peft(sub), adapter_name=ADAPTER)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:

@@ -100,6 +100,69 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
+def tiny_sdxl_pipeline_dir(root: str | Path, seed: int = 0) -> Path:
+    """Like `tiny_pipeline_dir`, for a tiny `StableDiffusionXLPipeline` (two text encoders, size conditioning)."""
+    out = Path(root) / f"tiny-sdxl-v{TINY_VERSION}-seed{seed}"
+    if (out / "model_index.json").is_file():
+        return out
+    pipe = build_tiny_sdxl_pipeline(seed)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(out)
+    return out
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """The tiny `StableDiffusionXLPipeline` in memory: SDXL's conditioning (penultimate hidden states of two
+    CLIP encoders concatenated, the pooled projection of the second, six size/crop numbers) at toy widths."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    time_dim, proj_dim = 8, 32
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * time_dim + proj_dim,  # six size numbers + pooled text
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4, norm_num_groups=8, sample_size=64,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=TEXT_MAX_LENGTH, projection_dim=proj_dim, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    # SDXL's schedule: the SD betas, Euler sampling, "leading" timestep spacing.
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer, tokenizer_2=tiny_clip_tokenizer(), scheduler=scheduler, add_watermarker=False,
+    )
+
+
 def tiny_clip_tokenizer():
     """A CLIP BPE tokenizer over single characters plus a few merges (`red`, `cat`, `dog` are one token)."""
     from transformers import CLIPTokenizer

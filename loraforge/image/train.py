@@ -27,9 +27,10 @@ import torch
 
 from loraforge.config import RunConfig, save_config
 from loraforge.config.image import ImageOptions
-from loraforge.errors import ConfigError, ModelError, Problem
-from loraforge.image.data import ImageExample, collect_examples, expand_repeats, load_image
-from loraforge.image.lora import WEIGHTS_NAME, add_lora, load_lora_into_adapters, save_lora, trainable_modules
+from loraforge.errors import ConfigError, Problem
+from loraforge.image.data import ImageExample, collect_examples, expand_repeats, load_image_with_geometry
+from loraforge.image.lora import (WEIGHTS_NAME, add_lora, load_lora_into_adapters, save_lora, text_encoders,
+                                  trainable_modules)
 from loraforge.image.pipeline import is_sdxl, load_pipeline
 
 KOHYA_NAME = "lora_kohya.safetensors"
@@ -189,9 +190,9 @@ def _micro_batch_loss(pipe: Any, noise_scheduler: Any, opts: ImageOptions, batch
     """Diffusion loss of one micro-batch; every random draw comes from generators seeded with `seed`."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    pixels = torch.from_numpy(np.stack([
-        load_image(ex.path, opts.resolution, center_crop=opts.center_crop,
-                   flip=opts.random_flip and rng.random() < 0.5, rng=rng) for ex in batch]))
+    loaded = [load_image_with_geometry(ex.path, opts.resolution, center_crop=opts.center_crop,
+                                       flip=opts.random_flip and rng.random() < 0.5, rng=rng) for ex in batch]
+    pixels = torch.from_numpy(np.stack([arr for arr, _, _ in loaded]))
     vae = pipe.vae
     with torch.no_grad():
         dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
@@ -205,11 +206,15 @@ def _micro_batch_loss(pipe: Any, noise_scheduler: Any, opts: ImageOptions, batch
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=gen).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
 
-    ids = pipe.tokenizer([ex.caption for ex in batch], padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(device)
+    captions = [ex.caption for ex in batch]
     with contextlib.nullcontext() if opts.train_text_encoder else torch.no_grad():
-        text = pipe.text_encoder(ids)[0]  # [b, tokens, cross_attention_dim]
-    pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, text.to(pipe.unet.dtype)).sample
+        if is_sdxl(pipe):
+            text, added = _sdxl_conditioning(pipe, captions, [(g, c) for _, g, c in loaded], opts.resolution, device)
+        else:
+            ids = pipe.tokenizer(captions, padding="max_length", truncation=True,
+                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+            text, added = pipe.text_encoder(ids.to(device))[0], None  # [b, tokens, cross_attention_dim]
+    pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, text.to(pipe.unet.dtype), added_cond_kwargs=added).sample
 
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -219,6 +224,18 @@ def _micro_batch_loss(pipe: Any, noise_scheduler: Any, opts: ImageOptions, batch
     if opts.snr_gamma:
         per_sample = per_sample * _min_snr_weights(noise_scheduler, timesteps, opts.snr_gamma)
     return per_sample.mean()
+
+
+def _sdxl_conditioning(pipe: Any, captions: list[str], geometry: list[tuple[tuple[int, int], tuple[int, int]]],
+                       resolution: int, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SDXL's text and micro-conditioning, built by the pipeline's own `encode_prompt` (so training sees exactly
+    what inference feeds the UNet): both encoders' penultimate states side by side, the second's pooled
+    projection, and (original h, w, crop top, left, target h, w) per image."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[*orig, *crop, resolution, resolution] for orig, crop in geometry],
+                            dtype=embeds.dtype, device=device)
+    return embeds, {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def _min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -237,7 +254,7 @@ def render_validation(pipe: Any, opts: ImageOptions, seed: int, step: int, out_d
                       device: torch.device) -> list[Path]:
     """Render each validation prompt with the adapters as they are now (fixed seed: images comparable across steps)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for module in (pipe.unet, pipe.text_encoder):
+    for module in [pipe.unet] + [m for _, m in text_encoders(pipe)]:
         module.eval()  # no LoRA dropout while rendering (and no draw from the global RNG)
     pipe.set_progress_bar_config(disable=True)
     paths = []
@@ -260,10 +277,6 @@ def _load_for_training(cfg: RunConfig, opts: ImageOptions, precision: str, devic
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32) \
             if device.type == "cuda" else torch.float32
     pipe = load_pipeline(cfg.base_model, dtype=dtype, base_config=opts.base_config)
-    if is_sdxl(pipe):
-        raise ModelError([Problem("base_model", "SDXL LoRA training is not supported yet (SD 1.x / 2.x are)",
-                                  value=cfg.base_model, fix="train on an SD 1.5 / 2.x base; generate-image and "
-                                  "export-kohya do work with SDXL pipelines")])
     factor = pipe.vae_scale_factor
     if opts.resolution % factor:
         raise ConfigError([Problem("image.resolution", f"must be a multiple of the VAE's scale factor {factor}",
@@ -273,7 +286,8 @@ def _load_for_training(cfg: RunConfig, opts: ImageOptions, precision: str, devic
         pipe.vae.to(torch.float32)
     pipe.to(device)
     pipe.vae.eval()
-    pipe.text_encoder.eval()
+    for _, encoder in text_encoders(pipe):
+        encoder.eval()
     return pipe
 
 
