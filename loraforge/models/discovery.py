@@ -304,7 +304,7 @@ def check_target_modules(hf_config: Any, model: "nn.Module | None",
         layers: list[LinearInfo] = []
         linear_names = leaf_names
         other_names: list[str] = []
-        fallback_note = (f" (checked against loraforge's list of {fam.name} module names, because the model's "
+        fallback_note = (f" (checked against loraforge's registry of {fam.name} module names, because the model's "
                          "remote code is not available here)")
     else:
         layers = linear_modules(model)

@@ -138,6 +138,9 @@ def load_model(model_dir: str | Path, task_type: TaskType, *, dtype: "str | torc
             num_labels = num_labels or len(id2label)
         if num_labels:
             kwargs["num_labels"] = num_labels
+            # A classifier checkpoint with another label count: its head is replaced (new labels, new head),
+            # which transformers 5 refuses without this flag.
+            kwargs["ignore_mismatched_sizes"] = num_labels != getattr(hf_config, "num_labels", num_labels)
         # Decoder-only classifiers pick the last non-pad token, so they need a pad id; reuse eos as the
         # tokenizer does (load_tokenizer).
         if getattr(hf_config, "pad_token_id", None) is None and getattr(hf_config, "eos_token_id", None) is not None:

@@ -124,6 +124,8 @@ def tiny_model_dir(family: str, root: Path, task_type: TaskType = TaskType.CAUSA
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.loader import AUTO_CLASSES
 
+    if family not in _CONFIGS:
+        raise _unknown(family, TINY_FAMILIES)
     root = Path(root)
     out = root / _dir_name(family, task_type, num_labels)
     if (out / "config.json").is_file():
