@@ -198,13 +198,16 @@ def test_text_encoder_v_prediction_min_snr_bf16(base, data_dir, tmp_path):
 
     out = tmp_path / "te"
     cfg = _cfg(base, data_dir, out, max_steps=2, save_steps=None, precision="bf16", lora_dropout=0.0,
-               save_total_limit=1,
+               save_total_limit=1, gradient_checkpointing=True,
                image={"train_text_encoder": True, "prediction_type": "v_prediction", "snr_gamma": 5.0,
                       "noise_offset": 0.1, "random_flip": True, "center_crop": False})
     train_image_lora(cfg, echo=lambda _m: None)
     assert all(np.isfinite(r["loss"]) for r in _metrics(out))
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
+    # lora_up starts at zero: nonzero after two steps means gradients reached both (checkpointed) models
+    for prefix in ("unet.", "text_encoder."):
+        assert max(float(v.abs().max()) for k, v in weights.items() if k.startswith(prefix) and ".up." in k) > 0
     kohya = load_file(str(out / "lora_kohya.safetensors"))
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in kohya)
 

@@ -1,8 +1,10 @@
 """Options of the Stable Diffusion LoRA recipe (task_type: text-to-image / image-to-image).
 
 Nested under `image:` in the YAML; the shared keys (train_data_dir, metadata_path, base_model, lora_rank,
-lora_alpha, target_modules, batch_size, gradient_accumulation_steps, epochs, learning_rate, output_dir,
-save_steps) keep their top-level meaning.
+lora_alpha, lora_dropout, target_modules — default `to_q, to_k, to_v, to_out.0` —, init_lora_weights,
+batch_size, gradient_accumulation_steps, epochs, max_steps, learning_rate, lr_scheduler, warmup_steps,
+max_grad_norm, seed, precision, gradient_checkpointing, save_steps, save_total_limit, resume_from_checkpoint,
+output_dir, logging_steps) keep their top-level meaning. See docs/IMAGE.md.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ class ImageOptions(BaseModel):
         "configs describe the checkpoint (e.g. a saved SD 1.5 pipeline). Left out: diffusers looks for the matching "
         "configs in the local Hugging Face cache and never downloads.",
     )
-    train_text_encoder: bool = Field(False, description="Also train LoRA on the CLIP text encoder.")
+    train_text_encoder: bool = Field(
+        False, description="Also train LoRA on the CLIP text encoder (both encoders for SDXL): stronger prompt "
+        "binding of a new token, more risk of overfitting."
+    )
     text_encoder_target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "out_proj"], description="Text-encoder modules to adapt when train_text_encoder is on."
     )

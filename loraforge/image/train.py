@@ -95,6 +95,11 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
     pipe = _load_for_training(cfg, opts, precision, device)
     noise_scheduler = _training_scheduler(pipe, opts)
     add_lora(pipe, cfg, opts)
+    if cfg.gradient_checkpointing:  # recompute activations in backward: ~30% slower, much less memory at 1024 px
+        pipe.unet.enable_gradient_checkpointing()
+        if opts.train_text_encoder:
+            for _, encoder in text_encoders(pipe):
+                encoder.activation_checkpointing_enable({"use_reentrant": False})
     modules = trainable_modules(pipe, opts)
     holder = torch.nn.ModuleList(modules)  # one module, so the shared AdamW helper sees every adapter
     n_trainable = sum(p.numel() for p in holder.parameters() if p.requires_grad)
