@@ -52,7 +52,7 @@ def make_batches(lengths: Sequence[int], batch_size: int, mode: Mode, *, seed: i
     if mode == "padded":
         rows = [[i] for i in order]
     elif mode == "grouped":
-        rows = _grouped_rows(order, lengths, batch_size, rng, shuffle)
+        return _grouped_batches(order, lengths, batch_size, rng, shuffle)
     elif mode == "packed":
         rows = pack_rows(order, lengths, row_len)
         if shuffle:
@@ -62,18 +62,20 @@ def make_batches(lengths: Sequence[int], batch_size: int, mode: Mode, *, seed: i
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def _grouped_rows(order: list[int], lengths: Sequence[int], batch_size: int, rng: random.Random,
-                  shuffle: bool) -> list[list[int]]:
-    """Rows laid out so that consecutive `batch_size` rows have similar lengths; batch order randomized."""
+def _grouped_batches(order: list[int], lengths: Sequence[int], batch_size: int, rng: random.Random,
+                     shuffle: bool) -> list[list[list[int]]]:
+    """Batches of similar lengths in random order. Each mega-batch is cut separately, so its last batch may be
+    short (kept as is: re-flattening would misalign every later batch)."""
     if not shuffle:
-        return [[i] for i in sorted(order, key=lambda i: (-lengths[i], i))]
+        rows = [[i] for i in sorted(order, key=lambda i: (-lengths[i], i))]
+        return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     mega = batch_size * MEGABATCH_FACTOR
-    batches: list[list[int]] = []
+    batches: list[list[list[int]]] = []
     for start in range(0, len(order), mega):
         group = sorted(order[start:start + mega], key=lambda i: -lengths[i])
-        batches += [group[j:j + batch_size] for j in range(0, len(group), batch_size)]
+        batches += [[[i] for i in group[j:j + batch_size]] for j in range(0, len(group), batch_size)]
     rng.shuffle(batches)
-    return [[i] for b in batches for i in b]
+    return batches
 
 
 def pack_rows(order: Sequence[int], lengths: Sequence[int], row_len: int) -> list[list[int]]:

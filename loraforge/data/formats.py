@@ -365,7 +365,7 @@ def check_messages(messages: list[Message], where: str) -> list[Problem]:
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
             at = i + (len(messages) - len(body))
-            problems.append(Problem(where, f"wrong role order: message {at} is `{role}`, expected `{expected}`",
+            problems.append(Problem(where, f"wrong role order: messages[{at}] is `{role}`, expected `{expected}`",
                                     value=[m["role"] for m in messages], allowed=allowed))
             return problems
     if not roles or roles[-1] != "assistant":
@@ -374,7 +374,7 @@ def check_messages(messages: list[Message], where: str) -> list[Problem]:
         return problems
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and not m["content"].strip():
-            problems.append(Problem(where, f"empty output (assistant message {i} is empty)",
+            problems.append(Problem(where, f"empty output (messages[{i}] is an empty assistant reply)",
                                     fix="write the answer the model should learn"))
     return problems
 
