@@ -190,7 +190,8 @@ def test_resume_replays_the_uninterrupted_run(run, base, data_dir, tmp_path):
 
 
 def test_text_encoder_v_prediction_min_snr_bf16(base, data_dir, tmp_path):
-    """Every optional objective switch at once: trains, saves a text-encoder LoRA, and it round-trips."""
+    """Every optional switch at once: trains, saves a text-encoder LoRA, and it round-trips through kohya
+    (with rsLoRA the scale is alpha/√r, so the exported alpha must be alpha·√r)."""
     from safetensors.torch import load_file
 
     from loraforge.image.generate import load_generation_pipeline
@@ -198,7 +199,7 @@ def test_text_encoder_v_prediction_min_snr_bf16(base, data_dir, tmp_path):
 
     out = tmp_path / "te"
     cfg = _cfg(base, data_dir, out, max_steps=2, save_steps=None, precision="bf16", lora_dropout=0.0,
-               save_total_limit=1, gradient_checkpointing=True,
+               save_total_limit=1, gradient_checkpointing=True, use_rslora=True,
                image={"train_text_encoder": True, "prediction_type": "v_prediction", "snr_gamma": 5.0,
                       "noise_offset": 0.1, "random_flip": True, "center_crop": False})
     train_image_lora(cfg, echo=lambda _m: None)

@@ -128,7 +128,9 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
     # Save: the run dir itself is the LoRA, in diffusers format and kohya format.
     save_lora(run_dir, pipe, opts)
     save_config(cfg, run_dir / "config.yaml")
-    if opts.kohya_export:
+    if opts.kohya_export and cfg.use_dora:
+        echo("kohya export skipped: the kohya/A1111 LoRA format has no DoRA magnitude vectors")
+    elif opts.kohya_export:
         from loraforge.image.kohya import export_kohya
 
         export_kohya(run_dir, run_dir / KOHYA_NAME)
