@@ -8,7 +8,7 @@ The recipe, top to bottom, for CAUSAL_LM:
    the data files' bytes, the tokenizer (vocabulary, special tokens, chat template) and every encoding option,
    so any change re-encodes and an unchanged run skips tokenization.
 
-Other task types plug in through `BUILDERS` (one function per TaskType).
+Other task types plug in through `BUILDERS` (one function per TaskType; the non-causal ones live in `tasks.py`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class DataBundle:
 def build_datasets(cfg: Any, tokenizer: Any) -> DataBundle:
     """Encoded train (and validation) examples for `cfg`, from the cache when possible.
 
+    CAUSAL_LM gives a `DataBundle` of `Encoded`; the other text task types a `tasks.TaskDataBundle` (same
+    train / val / stats fields).
+
     Raises:
         DataError: missing files, bad rows (all listed), a bad split, no usable example, or a task type whose
             data pipeline does not exist yet.
@@ -52,14 +55,16 @@ def build_datasets(cfg: Any, tokenizer: Any) -> DataBundle:
     task = getattr(cfg.task_type, "value", cfg.task_type)
     builder = BUILDERS.get(task)
     if builder is None:
-        raise DataError([Problem("task_type", "loraforge has no data pipeline for this task type yet", value=task,
-                                 allowed=", ".join(BUILDERS), fix="use `task_type: CAUSAL_LM` with chat/alpaca data")])
+        fix = "text-to-image data is read by the image recipe (`loraforge.image`), not here" \
+            if task == "TEXT_TO_IMAGE" else "use `task_type: CAUSAL_LM` with chat/alpaca data"
+        raise DataError([Problem("task_type", "loraforge has no text data pipeline for this task type", value=task,
+                                 allowed=", ".join(BUILDERS), fix=fix)])
     return builder(cfg, tokenizer)
 
 
 def _build_causal_lm(cfg: Any, tokenizer: Any) -> DataBundle:
     files = resolve_train_files(cfg)
-    val_file = _check_val_options(cfg)
+    val_file = check_val_options(cfg)
     cache_dir = None
     if cfg.tokenized_cache:
         cache_dir = tokenized_cache_dir(cfg, tokenizer, files, val_file)
@@ -100,13 +105,30 @@ def _build_causal_lm(cfg: Any, tokenizer: Any) -> DataBundle:
     return bundle
 
 
-BUILDERS: dict[str, Callable[[Any, Any], DataBundle]] = {"CAUSAL_LM": _build_causal_lm}
+def _build_task(cfg: Any, tokenizer: Any) -> Any:
+    """Non-causal task types (seq2seq, classification, token tagging, QA, embeddings): `data/tasks.py`."""
+    from loraforge.data.tasks import build_task_datasets
+
+    return build_task_datasets(cfg, tokenizer)
+
+
+# task_type → builder. TEXT_TO_IMAGE has its own recipe (loraforge.image) and no entry here.
+BUILDERS: dict[str, Callable[[Any, Any], Any]] = {
+    "CAUSAL_LM": _build_causal_lm,
+    **{task: _build_task for task in ("SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANSWERING",
+                                       "FEATURE_EXTRACTION")},
+}
 
 
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def _check_val_options(cfg: Any) -> Path | None:
+def check_val_options(cfg: Any) -> Path | None:
+    """The validation file to read (None without one), after checking `val_file` / `val_size`.
+
+    Raises:
+        DataError: both are set, a fractional count, or a missing file.
+    """
     if cfg.val_file is not None and cfg.val_size > 0:
         raise DataError([Problem("val_size", "both `val_file` and `val_size` are set", value=cfg.val_size,
                                  fix="remove `val_size` to validate on val_file, or remove `val_file` to hold out rows")])
@@ -120,6 +142,9 @@ def _check_val_options(cfg: Any) -> Path | None:
         raise DataError([Problem("val_file", "validation data file not found", value=str(path),
                                  fix="point val_file at an existing .jsonl / .json / .csv file")])
     return path
+
+
+_check_val_options = check_val_options  # the name data/tasks.py imports
 
 
 def _load_rows(cfg: Any, files: list[Path], val_file: Path | None):
