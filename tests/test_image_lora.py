@@ -331,3 +331,21 @@ def test_sdxl_lora_with_both_text_encoders(data_dir, tmp_path):
     image = generate_image(base, PROMPT, loras=[(out, 1.0)], num_inference_steps=3, guidance_scale=2.0, seed=7,
                            height=RES, width=RES)
     np.testing.assert_array_equal(_pixels(image), _pixels(Image.open(out / "validation" / "step-000002-0.png")))
+
+
+def test_preflight_reports_every_problem_without_loading_weights(base, data_dir, tmp_path):
+    from loraforge.image.preflight import check_image_run
+    from loraforge.image.train import train_image_lora
+
+    assert check_image_run(_cfg(base, data_dir, tmp_path / "ok")) == []
+    bad_data = tmp_path / "bad"
+    shutil.copytree(data_dir, bad_data)
+    (bad_data / "2_cat" / "cat0.txt").unlink()
+    cfg = _cfg(base, bad_data, tmp_path / "x", target_modules=["to_q", "to_vv"],
+               image={"resolution": 33, "validation_steps": 5})
+    keys = [p.key for p in check_image_run(cfg)]
+    assert keys[0] == "image.validation_steps"
+    assert any(k.endswith("cat0.png") for k in keys)
+    assert "image.resolution" in keys and "target_modules[1]" in keys
+    with pytest.raises(ConfigError, match="validation_prompts is empty"):
+        train_image_lora(cfg, echo=lambda _m: None)

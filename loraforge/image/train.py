@@ -32,6 +32,7 @@ from loraforge.image.data import ImageExample, collect_examples, expand_repeats,
 from loraforge.image.lora import (WEIGHTS_NAME, add_lora, load_lora_into_adapters, save_lora, text_encoders,
                                   trainable_modules)
 from loraforge.image.pipeline import is_sdxl, load_pipeline
+from loraforge.image.preflight import options_problems
 
 KOHYA_NAME = "lora_kohya.safetensors"
 RUN_FILES = (WEIGHTS_NAME, KOHYA_NAME, "config.yaml", "run.json", "metrics.jsonl", "loss.png", "tensorboard", "validation")
@@ -80,6 +81,8 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
 
     t_start = time.time()
     opts = cfg.image or ImageOptions()
+    if problems := options_problems(opts):
+        raise ConfigError(problems)
     run_dir, resume_from = _prepare_run_dir(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
