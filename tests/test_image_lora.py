@@ -162,6 +162,13 @@ def test_kohya_export_refuses_to_guess_alpha(run, tmp_path):
         export_kohya(bare, tmp_path / "out.safetensors")
     out = export_kohya(bare, tmp_path / "out.safetensors", alpha=ALPHA)
     assert {float(v) for k, v in load_file(str(out)).items() if k.endswith(".alpha")} == {float(ALPHA)}
+    # older diffusers files carry a per-module `<module>.alpha`: used as is
+    weights = load_file(str(bare))
+    modules = {k.rsplit(".lora", 1)[0] for k in weights}
+    with_alphas = tmp_path / "alphas.safetensors"
+    save_file({**weights, **{f"{m}.alpha": torch.tensor(3.0) for m in modules}}, str(with_alphas))
+    out = export_kohya(with_alphas, tmp_path / "out2.safetensors")
+    assert {float(v) for k, v in load_file(str(out)).items() if k.endswith(".alpha")} == {3.0}
 
 
 def test_resume_replays_the_uninterrupted_run(run, base, data_dir, tmp_path):

@@ -24,6 +24,8 @@ _PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2":
 _KEY = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+?)\."
                   r"(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)\.weight$")
 _DOWN = {"lora_A", "lora.down", "lora_linear_layer.down"}
+# Older diffusers files store a per-module alpha beside the matrices (`unet.<module>.alpha`).
+_ALPHA_KEY = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+)\.alpha$")
 
 
 def export_kohya(lora_dir: str | Path, out_file: str | Path, alpha: float | None = None) -> Path:
@@ -45,14 +47,18 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path, alpha: float | None
     with safe_open(str(src), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         header = f.metadata() or {}
-    settings = _alpha_settings(src, header, alpha)
+    settings = _alpha_settings(src, header, alpha, has_alpha_keys=any(k.endswith(".alpha") for k in tensors))
 
     pairs: dict[tuple[str, str], dict[str, Any]] = {}
+    stored_alphas: dict[tuple[str, str], float] = {}
     unknown = []
     for key, value in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            unknown.append(key)
+            if a := _ALPHA_KEY.match(key):
+                stored_alphas[(a.group(1), a.group(2))] = float(value)
+            else:
+                unknown.append(key)
             continue
         component, module, kind = m.groups()
         pairs.setdefault((component, module), {})["down" if kind in _DOWN else "up"] = value
@@ -72,7 +78,10 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path, alpha: float | None
         name = prefixes[component] + _kohya_module(component, module).replace(".", "_")
         out[f"{name}.lora_down.weight"] = mats["down"].contiguous()
         out[f"{name}.lora_up.weight"] = mats["up"].contiguous()
-        out[f"{name}.alpha"] = torch.tensor(_kohya_alpha(settings, component, module, rank), dtype=torch.float32)
+        value = stored_alphas.get((component, module)) if alpha is None else None
+        if value is None:
+            value = _kohya_alpha(settings, component, module, rank)
+        out[f"{name}.alpha"] = torch.tensor(value, dtype=torch.float32)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".tmp")
@@ -101,7 +110,8 @@ def _weights_file(path: Path) -> Path:
                               fix="give a loraforge image run dir (or checkpoint dir) or the weights file")])
 
 
-def _alpha_settings(src: Path, header: dict[str, str], alpha: float | None) -> dict[str, dict[str, Any]]:
+def _alpha_settings(src: Path, header: dict[str, str], alpha: float | None,
+                    has_alpha_keys: bool = False) -> dict[str, dict[str, Any]]:
     """Per component: lora_alpha, use_rslora, alpha_pattern — the numbers that set the LoRA scale."""
     components = ("unet", "text_encoder", "text_encoder_2")
     if alpha is not None:
@@ -120,6 +130,8 @@ def _alpha_settings(src: Path, header: dict[str, str], alpha: float | None) -> d
         if "lora_alpha" in data:
             return {c: {"lora_alpha": float(data["lora_alpha"]), "use_rslora": bool(data.get("use_rslora")),
                         "alpha_pattern": {}} for c in components}
+    if has_alpha_keys:  # per-module `.alpha` keys; a module without one is an error later, never a guess
+        return {c: {"lora_alpha": None, "use_rslora": False, "alpha_pattern": {}} for c in components}
     raise ModelError([Problem(str(src), "the LoRA's alpha is not recorded (no adapter metadata, no config.yaml)",
                               fix="pass the alpha it was trained with (`--alpha 16`); alpha = rank would silently "
                                   "change the LoRA's strength")])
