@@ -103,7 +103,8 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
 def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
     """Resolve the model, read its config, check the task type and target_modules. Returns the HF config,
     or raises with every model-side problem."""
-    from loraforge.models.discovery import check_target_modules, load_hf_config, resolve_target_modules, try_meta_model
+    from loraforge.models.discovery import (check_target_modules, is_remote_placeholder, load_hf_config,
+                                           remote_code_problem, resolve_target_modules, try_meta_model)
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.registry import check_task_type, model_kind
 
@@ -113,6 +114,9 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
     report.model_type = str(getattr(hf_config, "model_type", "?"))
     report.kind = model_kind(hf_config)
     problems = check_task_type(hf_config, cfg.task_type)
+    if is_remote_placeholder(hf_config):
+        # Its modelling code cannot run here: training could not even build the model.
+        problems.append(remote_code_problem(hf_config, cfg.trust_remote_code))
     if not problems and cfg.method in ("lora", "qlora") and cfg.init_adapter is None:
         meta = try_meta_model(hf_config, cfg.task_type, trust_remote_code=cfg.trust_remote_code)
         problems += check_target_modules(hf_config, meta, cfg.target_modules)

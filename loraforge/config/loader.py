@@ -162,7 +162,9 @@ def _value_problem(e: dict, key: str, value: Any, field) -> Problem:
     bounds = [(k, ctx[k]) for k in ("gt", "ge", "lt", "le") if k in ctx]
     if bounds:
         words = " and ".join(f"{_RANGE_WORDS[k][0]} {_num(v)}" for k, v in bounds)
-        allowed = " and ".join(f"{_RANGE_WORDS[k][1]} {_num(v)}" for k, v in bounds)
+        # `allowed` shows the field's whole range (dropout: >= 0 and < 1), not only the bound that failed.
+        full = _field_bounds(field) or bounds
+        allowed = " and ".join(f"{_RANGE_WORDS[k][1]} {_num(v)}" for k, v in full)
         return Problem(key, f"must be {words}", value=value, allowed=allowed,
                        fix=f"set e.g. `{leaf}: {example}`" if example is not None else f"use a value {allowed}")
     if kind == "missing":
@@ -170,6 +172,17 @@ def _value_problem(e: dict, key: str, value: Any, field) -> Problem:
     described = _describe_type(field)
     return Problem(key, f"must be {described}" if described else e["msg"], value=value, allowed=described,
                    fix=f"write e.g. `{leaf}: {example}`" if example is not None else None)
+
+
+def _field_bounds(field) -> list[tuple[str, Any]]:
+    """[(gt|ge|lt|le, bound)] declared on a field (pydantic keeps them as annotated_types metadata)."""
+    out = []
+    for meta in getattr(field, "metadata", []) or []:
+        for k in ("gt", "ge", "lt", "le"):
+            v = getattr(meta, k, None)
+            if v is not None:
+                out.append((k, v))
+    return out
 
 
 def _num(v: Any) -> str:
