@@ -171,19 +171,39 @@ def test_kohya_export_refuses_to_guess_alpha(run, tmp_path):
     assert {float(v) for k, v in load_file(str(out)).items() if k.endswith(".alpha")} == {3.0}
 
 
-def test_resume_replays_the_uninterrupted_run(run, base, data_dir, tmp_path):
+def test_ctrl_c_checkpoints_and_resume_replays_the_uninterrupted_run(run, base, data_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
     from safetensors.torch import load_file
 
-    from loraforge.image.train import train_image_lora
+    import loraforge.image.train as image_train
+    from loraforge.train.loop import TrainingInterrupted
 
-    # A run that "stopped" after its step-2 checkpoint: only that checkpoint exists in its dir.
+    # Ctrl-C arrives during the first micro-batch of step 2 (the third micro-batch): the step finishes,
+    # is checkpointed, and training stops.
+    calls = []
+    real_loss = image_train._micro_batch_loss
+
+    def loss_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
-    (resumed / "metrics.jsonl").write_text("{\"step\": 3, \"loss\": 123.0}\n")  # a line the crash left behind
-    cfg = _cfg(base, data_dir, resumed, resume_from_checkpoint="latest",
-               image={"validation_prompts": [PROMPT], "validation_steps": 2})
-    train_image_lora(cfg, echo=lambda _m: None)
+    settings = {"image": {"validation_prompts": [PROMPT], "validation_steps": 2}}
+    with monkeypatch.context() as m:
+        m.setattr(image_train, "_micro_batch_loss", loss_then_interrupt)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            image_train.train_image_lora(_cfg(base, data_dir, resumed, save_steps=3, **settings), echo=lambda _m: None)
+    assert stopped.value.checkpoint == resumed / "checkpoint-2"
+    assert not (resumed / "pytorch_lora_weights.safetensors").exists()
+    with (resumed / "metrics.jsonl").open("a") as f:
+        f.write("{\"step\": 3, \"loss\": 123.0}\n")  # a line a crash could leave after the checkpoint
+
+    cfg = _cfg(base, data_dir, resumed, resume_from_checkpoint="latest", **settings)
+    image_train.train_image_lora(cfg, echo=lambda _m: None)
 
     expected, got = _metrics(run), _metrics(resumed)
     assert [r["step"] for r in got] == [1, 2, 3, 4]

@@ -123,8 +123,9 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
     logger = RunLogger(run_dir, total_steps=total, start_step=state.global_step, enabled=True,
                        tensorboard="tensorboard" in cfg.report_to and _has_tensorboard(), append=resume_from is not None)
     try:
-        _loop(cfg, opts, pipe, noise_scheduler, views, plan, optimizer, scheduler, state, logger, run_dir,
-              precision, device)
+        with _catch_stop_signals() as stop:
+            _loop(cfg, opts, pipe, noise_scheduler, views, plan, optimizer, scheduler, state, logger, run_dir,
+                  precision, device, stop)
     finally:
         logger.close()
 
@@ -144,9 +145,19 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
 
 
 def _loop(cfg: RunConfig, opts: ImageOptions, pipe: Any, noise_scheduler: Any, views: list[ImageExample],
-          plan: Plan, optimizer, scheduler, state, logger, run_dir: Path, precision: str, device: torch.device) -> None:
-    """The optimizer steps from `state.global_step` to `plan.total_steps`, with logging, validation and saves."""
+          plan: Plan, optimizer, scheduler, state, logger, run_dir: Path, precision: str, device: torch.device,
+          stop: list[int]) -> None:
+    """The optimizer steps from `state.global_step` to `plan.total_steps`, with logging, validation and saves.
+
+    Raises:
+        TrainingInterrupted: after SIGINT/SIGTERM (`stop` non-empty), once the current step is checkpointed.
+    """
     from loraforge.train.checkpoint import save_checkpoint
+    from loraforge.train.loop import TrainingInterrupted
+
+    def checkpoint() -> Path:
+        return save_checkpoint(run_dir, state, lambda d: save_lora(d, pipe, opts), optimizer, scheduler,
+                               keep=cfg.save_total_limit)
 
     params = [p for m in trainable_modules(pipe, opts) for p in m.parameters() if p.requires_grad]
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -191,8 +202,9 @@ def _loop(cfg: RunConfig, opts: ImageOptions, pipe: Any, noise_scheduler: Any, v
             paths = render_validation(pipe, opts, cfg.seed, state.global_step, run_dir / "validation", device)
             logger.write(f"step {state.global_step}: {len(paths)} validation images in {paths[0].parent}")
         if cfg.save_steps and state.global_step % cfg.save_steps == 0 and not done:
-            save_checkpoint(run_dir, state, lambda d: save_lora(d, pipe, opts), optimizer, scheduler,
-                            keep=cfg.save_total_limit)
+            checkpoint()
+        if stop and not done:
+            raise TrainingInterrupted(checkpoint(), stop[0])
 
 
 def _micro_batch_loss(pipe: Any, noise_scheduler: Any, opts: ImageOptions, batch: list[ImageExample],
@@ -373,6 +385,31 @@ def _write_run_json(cfg: RunConfig, run_dir: Path, state, n_images: int, n_views
         "seconds": round(seconds, 1),
     }
     (run_dir / "run.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _catch_stop_signals():
+    """Ctrl-C / SIGTERM ask the loop to checkpoint at the end of the current step and stop; a second one
+    stops at once (the last complete checkpoint stays intact: checkpoints are written atomically)."""
+    import signal
+    import threading
+
+    stop: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield stop
+        return
+
+    def handler(signum, _frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
