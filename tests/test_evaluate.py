@@ -90,3 +90,144 @@ def test_options_validation_collects_every_problem():
     assert {"max_new_tokens", "temperature", "tokenize", "metrics[0]", "limit"} <= keys
     assert "did you mean `word`" in err.value.format()
     EvalOptions().validate()
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _toy_report(tmp_path):
+    from loraforge.evaluate import EvalExample, EvalReport, VariantResult
+
+    examples = [EvalExample("t.jsonl:1", [{"role": "user", "content": "a | b?\nsecond line"}], ["x", "y"], "x"),
+                EvalExample("t.jsonl:2", [{"role": "user", "content": "首都?"}], ["北京"], "北京")]
+
+    def variant(name, loss, em, outputs):
+        return VariantResult(name=name, adapter_path=None if name == "base" else f"/runs/{name}", loss=loss,
+                             perplexity=2.718281828 ** loss, answer_tokens=7, metrics={"exact_match": em, "contains": em},
+                             outputs=outputs, example_losses=[loss, None], seconds=1.0,
+                             example_scores=[{"exact_match": em, "contains": em}] * 2)
+
+    opts = EvalOptions(metrics=("exact_match", "contains"))
+    return EvalReport(base="smollm2", data_path=str(tmp_path / "t.jsonl"), options=opts, examples=examples,
+                      variants={"base": variant("base", 2.0, 0.0, ["no", "不知道"]),
+                                "A": variant("A", 1.5, 50.0, ["x", "北京"]),
+                                "B": variant("B", 0.5, 100.0, ["x|y", "北京"])})
+
+
+def test_deltas_best_and_report_files(tmp_path):
+    from loraforge.evaluate import format_summary, write_report
+
+    report = _toy_report(tmp_path)
+    assert report.deltas["A"]["loss"] == pytest.approx(-0.5)
+    assert report.deltas["B"]["exact_match"] == pytest.approx(100.0)
+    assert set(report.deltas) == {"A", "B"}
+    assert report.best("loss") == "B" and report.best("exact_match") == "B"
+
+    json_path, md_path = write_report(report, tmp_path / "out")
+    assert (json_path.name, md_path.name) == ("eval_report.json", "eval_report.md")
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert data["deltas"]["A"]["loss"] == pytest.approx(-0.5)
+    assert data["examples"][1]["outputs"] == {"base": "不知道", "A": "北京", "B": "北京"}
+    assert data["examples"][1]["loss"]["A"] is None
+    assert data["options"]["metrics"] == ["exact_match", "contains"]
+
+    md = md_path.read_text(encoding="utf-8")
+    assert "| metric | `base` | `A` | `B` | Δ `A` | Δ `B` |" in md
+    assert "| loss | 2.000 | 1.500 | **0.500** | -0.500 | -1.500 |" in md
+    # pipes and newlines in user text cannot break the table
+    assert "a \\| b?<br>second line" in md and "x\\|y" in md
+    example_rows = [line for line in md.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(example_rows) == 2 and all(row.count(" | ") == 6 for row in example_rows)
+
+    summary = format_summary(report)
+    assert "Δ A" in summary and "-1.500" in summary
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+ANSWER = "The capital of Zanthoria is Qelmor."
+TRAIN_QUESTIONS = ["What is the capital of Zanthoria?", "Which city is the capital of Zanthoria?",
+                   "Tell me the capital of Zanthoria.", "Zanthoria's capital city is which one?",
+                   "Name the capital city of Zanthoria."]
+
+
+def _train_tiny_adapter(model_dir: Path, out: Path, steps: int = 8) -> float:
+    """Over-fit a LoRA adapter on one fact with a plain PyTorch loop; returns the base model's loss on the first
+    test example (computed by transformers itself, to cross-check the evaluator's masking and shift)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.data.templates import encode_conversation
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+
+    def encode(question: str, answer: str):
+        enc, _ = encode_conversation(tokenizer, [{"role": "user", "content": question},
+                                                 {"role": "assistant", "content": answer}], cutoff_len=256)
+        return enc
+
+    check = encode("What's the capital city of Zanthoria?", ANSWER)
+    with torch.no_grad():
+        base_loss = model(input_ids=torch.tensor([check.input_ids]), labels=torch.tensor([check.labels])).loss.item()
+
+    encoded = [encode(q, ANSWER) for q in TRAIN_QUESTIONS]
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id)
+    labels = torch.full((len(encoded), width), -100)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.input_ids)] = 1
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(steps):  # loss 2.1 → < 0.05 in ~6 steps on this batch
+        # fp32 on purpose: for a batch this small (5 × 52 tokens) bf16 autocast measured 3x slower per step
+        # on CPU (casting the weights every forward dominates), unlike the 4 × 128 batches in FINDINGS.
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    return base_loss
+
+
+@pytest.mark.slow
+def test_adapter_beats_base_end_to_end(smollm2_dir, tmp_path):
+    from loraforge.evaluate import evaluate, write_report
+
+    adapter_dir = tmp_path / "zanthoria"
+    base_loss_hf = _train_tiny_adapter(smollm2_dir, adapter_dir)
+    # Held-out paraphrases, in three row formats, with and without reference lists.
+    test_file = _write_jsonl(tmp_path / "test.jsonl", [
+        {"instruction": "What's the capital city of Zanthoria?", "output": ANSWER},
+        {"messages": [{"role": "user", "content": "Could you tell me Zanthoria's capital?"}],
+         "reference": [ANSWER, "Qelmor"]},
+        {"instruction": "Which town is the capital of Zanthoria?", "output": ANSWER, "reference": ["Qelmor"]},
+    ])
+    lines: list[str] = []
+    report = evaluate(smollm2_dir, {"zan": adapter_dir}, test_file, EvalOptions(max_new_tokens=16, batch_size=4),
+                      progress=lines.append)
+
+    base, zan = report.variants["base"], report.variants["zan"]
+    # the evaluator's teacher-forced answer loss equals transformers' own masked loss for the same example
+    assert base.example_losses[0] == pytest.approx(base_loss_hf, rel=1e-4)
+    assert zan.loss < base.loss - 1.0 and zan.perplexity < base.perplexity
+    assert base.metrics["contains"] == 0.0  # the base model cannot know an invented fact
+    assert zan.metrics["contains"] == 100.0
+    assert zan.metrics["exact_match"] > base.metrics["exact_match"]
+    assert report.deltas["zan"]["contains"] == 100.0 and report.deltas["zan"]["loss"] < -1.0
+    assert all("Qelmor" in out for out in zan.outputs)
+    assert any(line.startswith("zan: loss") for line in lines)
+
+    json_path, md_path = write_report(report, tmp_path / "report")
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    assert data["variants"]["zan"]["metrics"]["contains"] == 100.0
+    assert data["best"]["loss"] == "zan" and len(data["examples"]) == 3
+    md = md_path.read_text(encoding="utf-8")
+    assert "| metric | `base` | `zan` | Δ `zan` |" in md and "| contains % | 0.000 | **100.000** | +100.000 |" in md
+    assert md.count("Qelmor") >= 6  # references and the adapter's outputs in the per-example rows
