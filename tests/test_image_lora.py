@@ -105,7 +105,8 @@ def test_training_writes_a_complete_run(run):
     import yaml
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["task_type"] == "TEXT_TO_IMAGE" and saved["lora_alpha"] == ALPHA and saved["image"]["resolution"] == RES
+    assert saved["task_type"] == "TEXT_TO_IMAGE" and saved["lora_alpha"] == ALPHA
+    assert saved["image"]["resolution"] == RES
 
 
 def test_saved_lora_reproduces_training_time_image_and_changes_the_base(run, base):
@@ -133,11 +134,12 @@ def test_kohya_export_round_trips_through_diffusers_with_true_alpha(run, base, t
 
     kohya = load_file(str(run / "lora_kohya.safetensors"))
     assert all(k.startswith("lora_unet_") for k in kohya)
-    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in kohya
+    to_q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert f"{to_q}.lora_down.weight" in kohya
     assert any(k.endswith("to_out_0.lora_up.weight") for k in kohya)
     alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
     assert alphas == {float(ALPHA)}
-    assert kohya["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == RANK
+    assert kohya[f"{to_q}.lora_down.weight"].shape[0] == RANK
 
     diffusers_out = _unet_outputs(load_generation_pipeline(base, [(run, 1.0)]))
     kohya_out = _unet_outputs(load_generation_pipeline(base, [(run / "lora_kohya.safetensors", 1.0)]))

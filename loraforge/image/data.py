@@ -57,7 +57,8 @@ def collect_examples(
     elif train_data_dir is not None:
         examples, problems = _from_caption_folders(Path(train_data_dir), caption_extension)
     else:
-        raise DataError([Problem("train_data_dir", "no training images given", fix="set `train_data_dir: path/to/images`")])
+        raise DataError([Problem("train_data_dir", "no training images given",
+                                 fix="set `train_data_dir: path/to/images`")])
     problems += [p for ex in examples if (p := _check_image(ex.path)) is not None]
     if not examples and not problems:
         where = str(metadata_path or train_data_dir)
@@ -82,7 +83,8 @@ def _from_caption_folders(root: Path, caption_extension: str) -> tuple[list[Imag
         repeats = _repeats_for(path, root)
         caption_file = path.with_suffix(caption_extension)
         if not caption_file.is_file():
-            problems.append(Problem(str(path), "image has no caption file", fix=f"write its caption to {caption_file.name}"))
+            problems.append(Problem(str(path), "image has no caption file",
+                                    fix=f"write its caption to {caption_file.name}"))
             continue
         try:
             caption = caption_file.read_text(encoding="utf-8").strip()
@@ -116,7 +118,7 @@ def _from_metadata(meta: Path, image_root: Path | None) -> tuple[list[ImageExamp
         except json.JSONDecodeError as e:
             problems.append(Problem(where, f"not valid JSON: {e.msg}", fix="one JSON object per line"))
             continue
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
+        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
             problems.append(Problem(where, "each line needs string fields `file_name` and `text`",
                                     value=row if not isinstance(row, dict) else sorted(row),
                                     fix='{"file_name": "cat.png", "text": "a photo of a cat"}'))
@@ -138,7 +140,8 @@ def _check_image(path: Path) -> Problem | None:
         with Image.open(path) as im:
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        return Problem(str(path), f"image cannot be read: {e}", fix="re-export the image or remove it (and its caption)")
+        return Problem(str(path), f"image cannot be read: {e}",
+                       fix="re-export the image or remove it (and its caption)")
     return None
 
 

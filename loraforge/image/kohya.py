@@ -73,7 +73,8 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path, alpha: float | None
     out: dict[str, Any] = {}
     for (component, module), mats in sorted(pairs.items()):
         if set(mats) != {"down", "up"}:
-            raise ModelError([Problem(str(src), f"{component}.{module} lacks its lora_{'up' if 'down' in mats else 'down'} matrix")])
+            lacking = "lora_up" if "down" in mats else "lora_down"
+            raise ModelError([Problem(str(src), f"{component}.{module} lacks its {lacking} matrix")])
         rank = mats["down"].shape[0]
         name = prefixes[component] + _kohya_module(component, module).replace(".", "_")
         out[f"{name}.lora_down.weight"] = mats["down"].contiguous()

@@ -136,4 +136,5 @@ def load_lora_into_adapters(pipe: Any, opts: ImageOptions, weights_dir: Path) ->
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ConfigError([Problem("resume_from_checkpoint", f"checkpoint {prefix} weights do not fit the adapter",
-                                       value=unexpected[:3], fix="resume with the config the checkpoint was made with")])
+                                       value=unexpected[:3],
+                                       fix="resume with the config the checkpoint was made with")])

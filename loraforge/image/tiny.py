@@ -158,7 +158,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)
     return StableDiffusionXLPipeline(
-        unet=unet, vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
+        unet=unet, vae=vae, text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
         tokenizer=tokenizer, tokenizer_2=tiny_clip_tokenizer(), scheduler=scheduler, add_watermarker=False,
     )
 

@@ -35,7 +35,8 @@ from loraforge.image.pipeline import is_sdxl, load_pipeline
 from loraforge.image.preflight import options_problems
 
 KOHYA_NAME = "lora_kohya.safetensors"
-RUN_FILES = (WEIGHTS_NAME, KOHYA_NAME, "config.yaml", "run.json", "metrics.jsonl", "loss.png", "tensorboard", "validation")
+RUN_FILES = (WEIGHTS_NAME, KOHYA_NAME, "config.yaml", "run.json", "metrics.jsonl", "loss.png", "tensorboard",
+             "validation")
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,9 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
         state = load_checkpoint(resume_from, optimizer, scheduler)
         _rewrite_metrics(run_dir, state.history)
         echo(f"resumed from {resume_from} at step {state.global_step}")
+    tensorboard = "tensorboard" in cfg.report_to and _has_tensorboard()
     logger = RunLogger(run_dir, total_steps=total, start_step=state.global_step, enabled=True,
-                       tensorboard="tensorboard" in cfg.report_to and _has_tensorboard(), append=resume_from is not None)
+                       tensorboard=tensorboard, append=resume_from is not None)
     try:
         with _catch_stop_signals() as stop:
             _loop(cfg, opts, pipe, noise_scheduler, views, plan, optimizer, scheduler, state, logger, run_dir,
@@ -198,7 +200,8 @@ def _loop(cfg: RunConfig, opts: ImageOptions, pipe: Any, noise_scheduler: Any, v
             window.clear()
             state.history.append(record)
             logger.log(record)
-        if opts.validation_prompts and ((opts.validation_steps and state.global_step % opts.validation_steps == 0) or done):
+        due = bool(opts.validation_steps) and state.global_step % opts.validation_steps == 0
+        if opts.validation_prompts and (due or done):
             paths = render_validation(pipe, opts, cfg.seed, state.global_step, run_dir / "validation", device)
             logger.write(f"step {state.global_step}: {len(paths)} validation images in {paths[0].parent}")
         if cfg.save_steps and state.global_step % cfg.save_steps == 0 and not done:
