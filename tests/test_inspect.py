@@ -61,6 +61,14 @@ def test_encoder_decoder_and_encoder_only(tmp_path):
     assert {g.suffix for g in bert.groups if g.group == "mlp"} == {"intermediate.dense", "output.dense"}
 
 
+def test_gpt2_conv1d_shapes_and_note(tmp_path):
+    tiny_config("gpt2", 1000).save_pretrained(tmp_path)
+    report = inspect_model(tmp_path)
+    c_attn = next(g for g in report.groups if g.leaf == "c_attn")
+    assert (c_attn.cls_name, c_attn.in_features, c_attn.out_features, c_attn.count) == ("Conv1D", 32, 96, 2)
+    assert "fan_in_fan_out" in format_inspect(report)
+
+
 def test_remote_code_model_uses_the_registry(tmp_path):
     report = inspect_model(tiny_remote_config_dir("chatglm", tmp_path))
     assert report.family == "chatglm" and report.kind == "decoder-only" and report.total_params is None

@@ -186,6 +186,12 @@ def test_regex_strings():
     assert "invalid" in p.message
 
 
+def test_regex_inside_a_list_is_explained():
+    cfg, model = built("llama")
+    (p,) = check_target_modules(cfg, model, ["q_proj", r".*\.v_proj"])
+    assert p.key == "target_modules[1]" and "not regular expressions" in p.message and "whole value" in p.fix
+
+
 def test_all_linear_and_none():
     cfg, model = built("llama")
     assert check_target_modules(cfg, model, "all-linear") == []

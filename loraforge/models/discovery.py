@@ -356,6 +356,12 @@ def check_target_modules(hf_config: Any, model: "nn.Module | None",
         corrected += near[:1] if not (_roles_of_name(entry) & {"qkv"}) else near
     fixed_list = "[" + ", ".join(dict.fromkeys(corrected)) + "]"
     for i, entry, near in missed:
+        if model is not None and _regex_hits(entry, linear_names):
+            problems.append(Problem(
+                f"target_modules[{i}]", f"list entries are module names, not regular expressions{fallback_note}",
+                value=entry, allowed=allowed,
+                fix=f"give the regex as the whole value (`target_modules: '{entry}'`), or list names"))
+            continue
         what = sorted(_roles_of_name(entry))
         role = f" (the {_ROLE_WORDS[what[0]]} projection)" if len(what) == 1 else ""
         if near:
@@ -366,6 +372,17 @@ def check_target_modules(hf_config: Any, model: "nn.Module | None",
         problems.append(Problem(f"target_modules[{i}]", f"no module of this model is named `{entry}`{fallback_note}",
                                 value=entry, allowed=allowed, fix=fix))
     return problems
+
+
+def _regex_hits(entry: str, names: Sequence[str]) -> bool:
+    """True when `entry` looks like a regex (has metacharacters) and, used as one, would match some module."""
+    if not re.search(r"[*+?\[\]()|\\^$]", entry):
+        return False
+    try:
+        rx = re.compile(entry)
+    except re.error:
+        return False
+    return any(rx.fullmatch(n) or rx.search(n) for n in names)
 
 
 def _check_regex(pattern: str, names: list[str], leaf_names: list[str], layers: list[LinearInfo], allowed: str,

@@ -125,6 +125,8 @@ def inspect_model(name_or_path: str | Path, trust_remote_code: bool = False) -> 
     report.all_linear = list(dict.fromkeys(i.leaf for i in report.layers if i.name not in heads))
     chosen = [i for i in report.layers if i.leaf in report.default_targets]
     report.lora_params = sum(_LORA_R * (i.in_features + i.out_features) for i in chosen)
+    if any(i.cls_name == "Conv1D" for i in report.layers):
+        report.notes.append("Conv1D layers store weights transposed: PEFT sets fan_in_fan_out=True for them")
     if not report.weights_present:
         report.notes.append("no weight files in this folder: inspected from config.json alone")
     return report
