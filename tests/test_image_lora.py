@@ -121,6 +121,12 @@ def test_saved_lora_reproduces_training_time_image_and_changes_the_base(run, bas
     plain = load_generation_pipeline(base)
     without = render(plain, PROMPT, **kwargs)
     assert np.abs(_pixels(with_lora) - _pixels(without)).max() > 0
+    # plain diffusers gets a deterministic adapter: no active dropout after load_lora_weights
+    from loraforge.image.pipeline import load_pipeline
+
+    plain_diffusers = load_pipeline(base)
+    plain_diffusers.load_lora_weights(str(run))
+    assert not [m for m in plain_diffusers.unet.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     # weight 0 switches the LoRA off: the base image again
     off = render(load_generation_pipeline(base, [(run, 0.0)]), PROMPT, **kwargs)
     np.testing.assert_array_equal(_pixels(off), _pixels(without))
