@@ -84,6 +84,11 @@ def test_eager_attention(llama_dir):
     assert model.config._attn_implementation == "eager"
 
 
+def test_config_overrides_reach_the_config(llama_dir):
+    model = load_model(llama_dir, TaskType.CAUSAL_LM, rms_norm_eps=1e-3)
+    assert model.config.rms_norm_eps == 1e-3
+
+
 def test_missing_dir(tmp_path):
     with pytest.raises(ModelError) as info:
         load_model(tmp_path / "nope", TaskType.CAUSAL_LM)

@@ -97,7 +97,7 @@ def _check_loadable(path: Path, hf_config: Any, task_type: TaskType, trust_remot
 def load_model(model_dir: str | Path, task_type: TaskType, *, dtype: "str | torch.dtype" = "auto",
                attn_implementation: str = "auto", trust_remote_code: bool = False, num_labels: int | None = None,
                id2label: dict[int, str] | None = None, quantization_config: Any = None,
-               device_map: Any = None) -> "PreTrainedModel":
+               device_map: Any = None, **config_overrides: Any) -> "PreTrainedModel":
     """Load the model with the Auto class for `task_type` (see AUTO_CLASSES).
 
     Args:
@@ -108,6 +108,8 @@ def load_model(model_dir: str | Path, task_type: TaskType, *, dtype: "str | torc
         num_labels, id2label: classification heads (SEQ_CLS, TOKEN_CLS); num_labels defaults to len(id2label).
         quantization_config: e.g. a transformers BitsAndBytesConfig (QLoRA).
         device_map: passed to from_pretrained (None: load on CPU).
+        config_overrides: config fields set before the model is built (e.g. ChatGLM's `pre_seq_len` for its
+            native prefix encoder); transformers applies keyword arguments that name config fields to the config.
 
     Raises:
         ModelError: missing dir, remote code needed but off, task type unfit for the architecture, no weights,
@@ -122,7 +124,8 @@ def load_model(model_dir: str | Path, task_type: TaskType, *, dtype: "str | torc
     hf_config = load_hf_config(path, trust_remote_code)
     _check_loadable(path, hf_config, task_type, trust_remote_code)
 
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, device_map), "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {**config_overrides, "dtype": resolve_dtype(dtype, device_map),
+                              "trust_remote_code": trust_remote_code}
     if attn_implementation != "auto":
         _check_attention(attn_implementation)
         kwargs["attn_implementation"] = attn_implementation
