@@ -233,12 +233,13 @@ def test_text_encoder_v_prediction_min_snr_bf16(base, data_dir, tmp_path):
     from loraforge.image.train import train_image_lora
 
     out = tmp_path / "te"
-    cfg = _cfg(base, data_dir, out, max_steps=2, save_steps=None, precision="bf16", lora_dropout=0.0,
+    cfg = _cfg(base, data_dir, out, max_steps=3, save_steps=1, precision="bf16", lora_dropout=0.0,
                save_total_limit=1, gradient_checkpointing=True, use_rslora=True,
                image={"train_text_encoder": True, "prediction_type": "v_prediction", "snr_gamma": 5.0,
                       "noise_offset": 0.1, "random_flip": True, "center_crop": False})
     train_image_lora(cfg, echo=lambda _m: None)
     assert all(np.isfinite(r["loss"]) for r in _metrics(out))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # save_total_limit: 1
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
     # lora_up starts at zero: nonzero after two steps means gradients reached both (checkpointed) models
