@@ -1,0 +1,441 @@
+"""`loraforge estimate`: trainable/total parameters and the peak memory of a training run, before running it.
+
+Parameters are counted on a meta-device build of the model (no memory, any size); LoRA parameters come from the
+shapes of the layers the config really adapts. Peak memory is the sum of:
+
+* weights — every base parameter at its storage dtype (4-bit / 8-bit for QLoRA linears);
+* trainable state — fp32 adapter weights, their gradients and AdamW's two moments (PyTorch keeps the moments in
+  the parameter's dtype);
+* activations — what autograd keeps from forward to backward, per token and per layer, for the tokens of one
+  micro-batch (formula in `_layer_bytes_per_token`), reduced by gradient checkpointing to one saved input per
+  layer plus one layer's worth recomputed;
+* autocast weight copies — under bf16/fp16 autocast every frozen fp32 linear weight is cast per use, and the
+  cast copy is kept for backward once activations need gradients;
+* the loss — with `chunked_loss` only one chunk of `[tokens × vocab]` logits exists at a time
+  (see `loraforge/train/loss.py`); without it the full logits, their fp32 copy, log-softmax and gradient;
+* framework overhead — the measured RSS of a Python process that has imported torch, transformers, peft and
+  accelerate and loaded the tokenizer (on CUDA: a CUDA context instead).
+
+On CPU the result is the process RSS; on CUDA the GPU memory. Weights of a safetensors checkpoint are memory-
+mapped by transformers, so they are counted once (not twice during loading).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraforge.config import RunConfig, TaskType
+
+if TYPE_CHECKING:
+    from torch import nn
+
+MiB = 2**20
+# glibc malloc keeps freed blocks of the per-step graph; measured on SmolLM2 (LoRA, bf16 autocast, 2 steps):
+# RSS exceeds the sum of live tensors by about this fraction of the per-step memory.
+ALLOCATOR_SLACK = 0.15
+CUDA_CONTEXT_BYTES = 500 * MiB
+LOSS_CHUNK_TOKENS = 1024  # CausalLMLoss's default chunk_tokens
+
+
+@dataclass
+class Estimate:
+    """The numbers `loraforge estimate` prints (bytes and parameter counts)."""
+
+    model_type: str
+    method: str
+    device: str
+    precision: str
+    total_params: int
+    trainable_params: int
+    adapted_modules: list[str]
+    tokens_per_batch: int
+    length_source: str
+    weights_bytes: int
+    trainable_state_bytes: int
+    activation_bytes: int
+    weight_cast_bytes: int
+    loss_bytes: int
+    overhead_bytes: int
+    slack_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return (self.weights_bytes + self.trainable_state_bytes + self.activation_bytes + self.weight_cast_bytes
+                + self.loss_bytes + self.overhead_bytes + self.slack_bytes)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+
+def estimate_memory(cfg: RunConfig, *, baseline_bytes: int | None = None, device: str | None = None) -> Estimate:
+    """Estimate parameters and peak training memory for `cfg` without loading weights.
+
+    Args:
+        cfg: the run config.
+        baseline_bytes: framework overhead to use instead of measuring it in a fresh Python process.
+        device: `cpu` or `cuda` (default: cuda when available).
+
+    Raises:
+        ModelError / PreflightError: the model cannot be resolved or does not fit the config.
+    """
+    import torch
+
+    from loraforge.models.discovery import load_hf_config, meta_model, resolve_target_modules
+    from loraforge.models.gguf import resolve_model_path
+    from loraforge.train.setup import resolve_precision
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_dir = resolve_model_path(cfg.base_model)
+    hf_config = load_hf_config(model_dir, cfg.trust_remote_code)
+    task = cfg.task_type if cfg.task_type is not TaskType.TEXT_TO_IMAGE else TaskType.CAUSAL_LM
+    model = meta_model(hf_config, task, trust_remote_code=cfg.trust_remote_code)
+    precision = resolve_precision(cfg.precision) if device == "cpu" or cfg.precision != "auto" else \
+        ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    dims = _dims(hf_config)
+
+    params = _unique_params(model)
+    total = sum(p.numel() for p in params.values())
+    linears = _linears(model)
+    adapted = _adapted_linears(cfg, hf_config, model, linears, resolve_target_modules)
+    trainable_names, extra_params = _trainable(cfg, model, params, linears, adapted, dims)
+    trainable_base = sum(params[n].numel() for n in trainable_names)
+    trainable = trainable_base + extra_params
+    total_all = total + extra_params  # PEFT counts adapter weights in the total too
+
+    w_bytes = _dtype_bytes(cfg.torch_dtype, device)
+    weights = _weights_bytes(cfg, params, linears, w_bytes)
+    # Adapter / prompt weights are fp32 (PEFT keeps them so); base parameters that train use their own dtype.
+    state = extra_params * (4 + 4 + 8) + trainable_base * (w_bytes + 2 * w_bytes)
+
+    tokens, labelled, source = _tokens_per_batch(cfg, model_dir)
+    act_bytes = 2 if precision in ("bf16", "fp16") else 4
+    layers_with_graph = _layers_with_graph(cfg, dims, adapted, trainable_names)
+    per_layer = _layer_bytes_per_token(cfg, dims, adapted, linears, trainable_names, act_bytes)
+    if cfg.gradient_checkpointing:
+        # Each layer keeps only its input; backward recomputes one layer at a time.
+        activations = tokens * (layers_with_graph * dims["hidden"] * w_bytes + per_layer)
+    else:
+        activations = tokens * layers_with_graph * per_layer
+    activations += tokens * dims["hidden"] * (4 + w_bytes)  # final norm + the hidden states fed to the LM head
+    casts = 0
+    if act_bytes < w_bytes and layers_with_graph:
+        frozen_linear = sum(l["numel"] for l in linears if l["group"] != "head" and l["name"] + ".weight" not in trainable_names)
+        share = layers_with_graph / max(dims["layers"], 1)
+        casts = int(frozen_linear * share * act_bytes) if not cfg.gradient_checkpointing else \
+            int(frozen_linear / max(dims["layers"], 1) * act_bytes)
+    loss = _loss_bytes(cfg, dims, tokens, labelled, act_bytes)
+    overhead = CUDA_CONTEXT_BYTES if device == "cuda" else (baseline_bytes if baseline_bytes is not None
+                                                            else measure_baseline_rss(model_dir))
+    slack = int(ALLOCATOR_SLACK * (activations + casts + loss + state))
+    est = Estimate(
+        model_type=str(getattr(hf_config, "model_type", "?")), method=cfg.method, device=device, precision=precision,
+        total_params=total_all, trainable_params=trainable, adapted_modules=sorted({l["leaf"] for l in adapted}),
+        tokens_per_batch=tokens, length_source=source, weights_bytes=weights, trainable_state_bytes=state,
+        activation_bytes=int(activations), weight_cast_bytes=casts, loss_bytes=int(loss), overhead_bytes=overhead,
+        slack_bytes=slack,
+    )
+    if cfg.attn_implementation == "eager":
+        est.notes.append("eager attention keeps [heads × T × T] scores per layer: included in activations")
+    return est
+
+
+def format_estimate(est: Estimate) -> str:
+    """A human-readable table of the estimate."""
+    def mib(b: int) -> str:
+        return f"{b / MiB:9,.0f} MiB"
+
+    where = "process RSS (CPU)" if est.device == "cpu" else "GPU memory"
+    lines = [
+        f"model: {est.model_type}   method: {est.method}   precision: {est.precision}   device: {est.device}",
+        f"trainable params: {est.trainable_params:,} || all params: {est.total_params:,} || "
+        f"trainable%: {est.trainable_percent:.4f}",
+    ]
+    if est.adapted_modules:
+        lines.append(f"adapted modules: {', '.join(est.adapted_modules)}")
+    lines += [
+        f"tokens per micro-batch: {est.tokens_per_batch:,} ({est.length_source})",
+        f"estimated peak {where}:",
+        f"  weights              {mib(est.weights_bytes)}",
+        f"  grads + AdamW state  {mib(est.trainable_state_bytes)}",
+        f"  activations          {mib(est.activation_bytes)}",
+        f"  autocast weight copy {mib(est.weight_cast_bytes)}",
+        f"  loss / logits        {mib(est.loss_bytes)}",
+        f"  framework overhead   {mib(est.overhead_bytes)}",
+        f"  allocator slack      {mib(est.slack_bytes)}",
+        f"  total                {mib(est.peak_bytes)}  ({est.peak_bytes / 2**30:.2f} GiB)",
+    ]
+    lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+def measure_baseline_rss(model_dir: Path) -> int:
+    """Peak RSS of a fresh Python that imports the training stack and loads the tokenizer (bytes).
+
+    Measured rather than assumed: it differs by platform, Python and library versions (~0.4 GiB here).
+    """
+    code = ("import resource, torch, transformers, peft, accelerate\n"
+            "from transformers import AutoTokenizer\n"
+            f"AutoTokenizer.from_pretrained({str(model_dir)!r})\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=_quiet_env())
+    try:
+        return int(out.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+    except (ValueError, IndexError):
+        return 450 * MiB  # measured on the development machine; used only if the probe fails
+
+
+def _quiet_env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+# ------------------------------------------------------------------------------------------------- the model
+
+def _dims(hf_config: Any) -> dict[str, int]:
+    """hidden, intermediate, layers, heads, kv_dim, vocab — read under each family's own spelling."""
+    def get(*names: str, default: int = 0) -> int:
+        for n in names:
+            v = getattr(hf_config, n, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return default
+
+    hidden = get("hidden_size", "d_model", "n_embd", "dim")
+    heads = get("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "n_heads", default=1)
+    kv_heads = get("num_key_value_heads", "multi_query_group_num", default=heads)
+    head_dim = get("head_dim", "kv_channels", "d_kv", default=hidden // max(heads, 1))
+    layers = get("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+    if getattr(hf_config, "is_encoder_decoder", False):
+        layers += get("num_decoder_layers", "decoder_layers", default=layers)
+    return {
+        "hidden": hidden, "layers": layers, "heads": heads, "kv_dim": kv_heads * head_dim, "q_dim": heads * head_dim,
+        "intermediate": get("intermediate_size", "ffn_hidden_size", "d_ff", "n_inner", "ffn_dim", "encoder_ffn_dim",
+                            "hidden_dim", default=4 * hidden),
+        "vocab": get("vocab_size", "padded_vocab_size"),
+        "gated": int(str(getattr(hf_config, "hidden_act", "")) in ("silu", "swiglu") or
+                     getattr(hf_config, "model_type", "") in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")),
+    }
+
+
+def _unique_params(model: "nn.Module") -> dict[str, Any]:
+    """name → parameter, each tied/shared tensor once (SmolLM2's lm_head is its embedding)."""
+    seen: set[int] = set()
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out
+
+
+def _linears(model: "nn.Module") -> list[dict[str, Any]]:
+    from loraforge.models.discovery import linear_modules
+
+    return [{"name": i.name, "leaf": i.leaf, "in": i.in_features, "out": i.out_features, "group": i.group,
+             "numel": i.in_features * i.out_features, "layer": _layer_index(i.name)} for i in linear_modules(model)]
+
+
+def _layer_index(name: str) -> int | None:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _adapted_linears(cfg: RunConfig, hf_config: Any, model: "nn.Module", linears: list[dict], resolve) -> list[dict]:
+    """The linear layers LoRA will wrap, matched the way PEFT matches `target_modules`."""
+    if cfg.method not in ("lora", "qlora"):
+        return []
+    targets = resolve(hf_config, model, cfg.target_modules)
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        # PEFT's all-linear skips the output layer (LM head / classifier).
+        hits = [l for l in linears if l["group"] != "head"]
+    elif isinstance(targets, str):
+        rx = re.compile(targets)
+        hits = [l for l in linears if rx.fullmatch(l["name"])]
+    else:
+        hits = [l for l in linears if any(l["name"] == t or l["name"].endswith("." + t) for t in targets)]
+    layers = cfg.layers_to_transform
+    if layers is not None:
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        hits = [l for l in hits if l["layer"] in wanted]
+    return hits
+
+
+def _trainable(cfg: RunConfig, model: "nn.Module", params: dict[str, Any], linears: list[dict], adapted: list[dict],
+               dims: dict[str, int]) -> tuple[set[str], int]:
+    """(names of base parameters that train, number of new parameters the method adds)."""
+    method = cfg.method
+    h = dims["hidden"]
+    if method == "full":
+        return set(params), 0
+    if method in ("lora", "qlora"):
+        r = cfg.lora_rank
+        extra = sum(r * (l["in"] + l["out"]) + (l["out"] if cfg.use_dora else 0) for l in adapted)
+        base: set[str] = set()
+        if cfg.lora_bias == "all":
+            base |= {n for n in params if n.endswith(".bias")}
+        elif cfg.lora_bias == "lora_only":
+            base |= {l["name"] + ".bias" for l in adapted if l["name"] + ".bias" in params}
+        for target in cfg.modules_to_save or []:
+            # PEFT trains a copy; the copy is new parameters, the original stays frozen.
+            extra += sum(p.numel() for n, p in params.items() if _module_of(n).endswith(target)
+                         or f".{target}." in f".{n}")
+        return base, extra
+    if method == "prompt":
+        return set(), cfg.num_virtual_tokens * h
+    if method == "ptuning":
+        enc = cfg.encoder_hidden_size or h
+        mlp = h * enc + enc + enc * enc + enc + enc * h + h
+        lstm = 2 * 4 * (h * h + h * h + 2 * h) + mlp  # bidirectional LSTM + MLP head
+        return set(), cfg.num_virtual_tokens * h + (lstm if cfg.encoder_reparameterization_type == "LSTM" else mlp)
+    if method == "prefix":
+        out = dims["layers"] * 2 * h
+        if cfg.prefix_projection:
+            enc = cfg.encoder_hidden_size or h
+            return set(), cfg.num_virtual_tokens * h + h * enc + enc + enc * out + out
+        return set(), cfg.num_virtual_tokens * out
+    if method == "freeze":
+        return _freeze_trainable(cfg, params, dims), 0
+    return set(), 0
+
+
+def _module_of(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0]
+
+
+def _freeze_trainable(cfg: RunConfig, params: dict[str, Any], dims: dict[str, int]) -> set[str]:
+    """Base parameters a freeze config trains: chosen blocks, regex-matched modules, embeddings, LM head."""
+    n_layers = dims["layers"]
+    chosen: set[int] = set()
+    if cfg.freeze_layer_indices is not None:
+        chosen = {i % n_layers for i in cfg.freeze_layer_indices} if n_layers else set()
+    else:
+        n = cfg.freeze_trainable_layers
+        if n is None:
+            n = 0 if cfg.freeze_trainable_modules else 2
+        chosen = set(range(n_layers - n, n_layers)) if n > 0 else set(range(0, -n))
+    names = {n for n in params if _layer_index(n) in chosen}
+    for pattern in cfg.freeze_trainable_modules or []:
+        rx = re.compile(pattern)
+        names |= {n for n in params if rx.search(n)}
+    if cfg.freeze_train_embeddings:
+        names |= {n for n in params if re.search(r"(embed_tokens|wte|word_embeddings|shared)\.", n)}
+    if cfg.freeze_train_lm_head:
+        names |= {n for n in params if re.search(r"(lm_head|embed_out|output_layer)\.", n)}
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- the memory
+
+def _dtype_bytes(torch_dtype: str, device: str) -> int:
+    if torch_dtype == "auto":
+        return 4 if device == "cpu" else 2
+    return 4 if torch_dtype == "float32" else 2
+
+
+def _weights_bytes(cfg: RunConfig, params: dict[str, Any], linears: list[dict], w_bytes: int) -> int:
+    total = sum(p.numel() for p in params.values()) * w_bytes
+    if cfg.method != "qlora":
+        return total
+    quantized = sum(l["numel"] for l in linears if l["group"] != "head")  # bitsandbytes keeps the LM head
+    if cfg.quant_bits == 8:
+        per = 1 + 4 / 4096  # int8 weight + one fp32 scale per row (rows are ~4096 wide)
+    else:
+        # NF4: 4 bits + an absmax per 64-value block (fp32, or 8-bit + a second-level fp32 per 256 blocks).
+        per = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.bnb_4bit_use_double_quant else 4 / 64)
+    return int(total - quantized * w_bytes + quantized * per)
+
+
+def _tokens_per_batch(cfg: RunConfig, model_dir: Path) -> tuple[int, int, str]:
+    """(tokens in a large micro-batch, of which labelled, where the length came from).
+
+    With readable data: batch_size × the data's p90 example length (capped at cutoff_len) — packed rows hold
+    batch_size examples back to back and padded rows batch_size × the longest, so p90 stands for a typical
+    worst batch in both; the labelled share is the data's own. Without data: batch_size × cutoff_len, half of
+    it labelled.
+    """
+    stats = _data_stats(cfg, model_dir)
+    if stats is not None and stats.examples:
+        length = min(stats.p90, cfg.cutoff_len)
+        tokens = cfg.batch_size * length
+        share = stats.trained_tokens / max(stats.total_tokens, 1)
+        over = f", {stats.over_cutoff} of {stats.examples + stats.dropped} over cutoff_len" if stats.over_cutoff else ""
+        return tokens, int(tokens * share), f"batch_size {cfg.batch_size} × data p90 length {length}{over}"
+    tokens = cfg.batch_size * cfg.cutoff_len
+    return tokens, tokens // 2, f"batch_size {cfg.batch_size} × cutoff_len {cfg.cutoff_len}; data not readable"
+
+
+def _data_stats(cfg: RunConfig, model_dir: Path) -> Any:
+    """The data's `DataStats` (tokenized with the training template), or None when it cannot be read."""
+    from loraforge.errors import LoraforgeError
+
+    try:
+        from loraforge.data.dataset import build_datasets
+        from loraforge.models.loader import load_tokenizer
+
+        return build_datasets(cfg, load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)).stats
+    except (LoraforgeError, ImportError, OSError):
+        return None
+
+
+def _layers_with_graph(cfg: RunConfig, dims: dict[str, int], adapted: list[dict], trainable_names: set[str]) -> int:
+    """How many layers keep activations: those from the first one with something trainable (or whose input
+    needs gradients) to the end. Prompt methods make every layer's input need gradients."""
+    n = dims["layers"]
+    if cfg.method in ("full", "prefix", "ptuning", "prompt"):
+        return n
+    indices = [l["layer"] for l in adapted if l["layer"] is not None]
+    indices += [i for i in (_layer_index(t) for t in trainable_names) if i is not None]
+    if any(_layer_index(t) is None for t in trainable_names) and any("embed" in t for t in trainable_names):
+        return n
+    return n - min(indices) if indices else 0
+
+
+def _layer_bytes_per_token(cfg: RunConfig, dims: dict[str, int], adapted: list[dict], linears: list[dict],
+                           trainable_names: set[str], a: int) -> int:
+    """Bytes autograd keeps per token in one transformer layer (forward → backward).
+
+    Per layer (hidden h, intermediate i, activations in `a` bytes, residual stream in the weights' `w` bytes):
+      * two RMS/LayerNorms, computed in fp32: input and normalized output, 2 × 2h × 4;
+      * attention (sdpa): q, k, v and the output, 4h × a (k/v repeated to all heads for GQA);
+      * gated MLP: gate and up outputs plus the activation, 3i × a (2i for a plain MLP);
+      * each LoRA-adapted linear: its input in the activation dtype plus the dropout mask, in × (a + 1),
+        and the rank-r intermediate, r × a;
+      * each trainable base linear: its input, in × a.
+    """
+    h, i = dims["hidden"], dims["intermediate"]
+    n_layers = max(dims["layers"], 1)
+    per = 2 * 2 * h * 4 + 4 * h * a + (3 if dims["gated"] else 2) * i * a
+    if cfg.attn_implementation == "eager":
+        per += dims["heads"] * min(cfg.cutoff_len, 4096) * 4 * 2  # scores + softmax, fp32, per query token
+    dropout_mask = 1 if cfg.lora_dropout > 0 else 0
+    per += sum(l["in"] * (a + dropout_mask) + cfg.lora_rank * a for l in adapted) // n_layers
+    per += sum(l["in"] * a for l in linears if l["name"] + ".weight" in trainable_names
+               and l["layer"] is not None) // n_layers
+    return int(per)
+
+
+def _loss_bytes(cfg: RunConfig, dims: dict[str, int], tokens: int, labelled: int, a: int) -> int:
+    """Memory of the LM head + cross-entropy at its peak (the backward of the logits)."""
+    v = dims["vocab"]
+    if cfg.task_type is not TaskType.CAUSAL_LM:
+        return tokens * v * (a + 4) if cfg.task_type is TaskType.SEQ_2_SEQ_LM else 0
+    chunked = cfg.chunked_loss and cfg.method not in ("prefix", "ptuning", "prompt")
+    upcast = 4 if a < 4 else 0  # `.float()` copies bf16/fp16 logits; it is a no-op on fp32 ones
+    if chunked:
+        # One chunk of labelled positions at a time (recomputed in backward): logits, their fp32 copy,
+        # log-softmax and the gradient of the logits, all freed before the next chunk.
+        return min(labelled, LOSS_CHUNK_TOKENS) * v * (a + upcast + 4 + 4)
+    # Every position's logits, fp32 copy and log-softmax are alive when backward starts, plus their gradients.
+    return tokens * v * (a + upcast + 4) + tokens * v * (4 + (a if upcast else 0))

@@ -1,0 +1,110 @@
+"""`estimate_memory`: parameter counts equal the built model's; peak memory within ±30% of a real SmolLM2 run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from loraforge.config import config_from_dict
+from loraforge.estimate import estimate_memory, format_estimate
+
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from loraforge.models.tiny import tiny_model_dir
+
+    return tiny_model_dir("llama", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """32 alpaca rows of 70–300 tokens (a third longer than cutoff 256), written by the test."""
+    rng = random.Random(0)
+    words = ("the patient should drink water rest take medicine see a doctor if fever lasts more than three "
+             "days").split()
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with path.open("w") as f:
+        for i in range(32):
+            q = " ".join(rng.choice(words) for _ in range(rng.randint(10, 40)))
+            a = " ".join(rng.choice(words) for _ in range(rng.randint(60, 260)))
+            f.write(json.dumps({"instruction": f"Question {i}: {q}?", "output": a}) + "\n")
+    return path
+
+
+def built_counts(cfg):
+    """(trainable, total) from requires_grad on the really built model (tiny: the weights are small)."""
+    from loraforge.methods import apply_method
+    from loraforge.methods.report import trainable_report
+    from loraforge.models.loader import load_model
+
+    model = load_model(cfg.base_model, cfg.task_type)
+    report = trainable_report(apply_method(model, cfg))
+    return report.trainable, report.total
+
+
+@pytest.mark.parametrize("extra", [
+    {"method": "lora", "target_modules": ["q_proj", "v_proj"]},
+    {"method": "lora", "target_modules": "all-linear", "lora_rank": 4},
+    {"method": "lora", "target_modules": ["q_proj", "v_proj"], "use_dora": True},
+    {"method": "lora", "target_modules": ["q_proj"], "layers_to_transform": [1]},
+    {"method": "lora", "lora_bias": "all"},
+    {"method": "full"},
+    {"method": "freeze", "freeze_trainable_layers": 1},
+    {"method": "prompt", "num_virtual_tokens": 10},
+])
+def test_parameter_counts_match_the_built_model(tiny_llama, data_file, extra):
+    cfg = config_from_dict({"base_model": str(tiny_llama), "metadata_path": str(data_file), **extra})
+    est = estimate_memory(cfg, baseline_bytes=0, device="cpu")
+    assert (est.trainable_params, est.total_params) == built_counts(cfg)
+
+
+def test_memory_terms_follow_the_config(tiny_llama, data_file):
+    base = {"base_model": "smollm2", "metadata_path": str(data_file), "batch_size": 4, "cutoff_len": 256}
+
+    def est(**kw):
+        return estimate_memory(config_from_dict({**base, **kw}), baseline_bytes=400 * MiB, device="cpu")
+
+    plain = est()
+    assert plain.total_params == 134_515_008 + plain.trainable_params  # SmolLM2, tied embeddings counted once
+    assert plain.weights_bytes == 134_515_008 * 4  # fp32 on CPU
+    # chunked: at most 1024 labelled positions' logits at once; unchunked: all [tokens × vocab] of them
+    assert est(batch_size=16, chunked_loss=False).loss_bytes >= 3.5 * est(batch_size=16).loss_bytes
+    assert est(gradient_checkpointing=True).activation_bytes < plain.activation_bytes / 5
+    assert est(precision="bf16").weight_cast_bytes > 100 * MiB  # bf16 copies of the frozen linear weights
+    assert est(method="qlora").weights_bytes < plain.weights_bytes / 2.5
+    assert est(batch_size=8).activation_bytes == pytest.approx(2 * plain.activation_bytes, rel=0.01)
+    text = format_estimate(plain)
+    assert "trainable params: 460,800" in text and "total" in text and "data p90" in text
+
+
+@pytest.mark.slow
+def test_estimate_within_30_percent_of_a_real_run(smollm2_dir, data_file, tmp_path):
+    """A real 2-step LoRA run of SmolLM2 (batch 4, cutoff 256) in a fresh process; its peak RSS vs the estimate."""
+    raw = {"base_model": "smollm2", "metadata_path": str(data_file), "batch_size": 4, "cutoff_len": 256,
+           "max_steps": 2, "output_dir": str(tmp_path / "run"), "save_steps": None, "report_to": ["none"],
+           "plot_loss": False, "tokenized_cache": False}
+    child = textwrap.dedent("""
+        import json, resource, sys
+        from loraforge.config import config_from_dict
+        from loraforge.train.loop import train
+        train(config_from_dict(json.loads(sys.argv[1])), echo=lambda m: None)
+        print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-c", child, json.dumps(raw)], capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = int(out.stdout.split("MAXRSS")[-1].split()[0])
+    est = estimate_memory(config_from_dict(raw), device="cpu")
+    print(format_estimate(est))
+    print(f"measured peak RSS {measured / MiB:,.0f} MiB, estimated {est.peak_bytes / MiB:,.0f} MiB "
+          f"({100 * (est.peak_bytes / measured - 1):+.1f}%)")
+    assert 0.7 * measured <= est.peak_bytes <= 1.3 * measured
