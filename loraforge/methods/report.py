@@ -100,6 +100,12 @@ def verify_trainable(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
         if "lora" not in kinds:
             problems.append(Problem("target_modules", "no LoRA weights were created", value=cfg.target_modules,
                                     fix="use names from `loraforge inspect MODEL`"))
+        elif isinstance(cfg.target_modules, list):
+            # PEFT silently drops list entries that match nothing when another entry matches (FINDINGS trap 3).
+            for i, entry in enumerate(cfg.target_modules):
+                if not any(f"{entry}.lora_" in n for n in report.trainable_names):
+                    problems.append(Problem(f"target_modules[{i}]", "no LoRA weights were created for this entry",
+                                            value=entry, fix="use names from `loraforge inspect MODEL`"))
         allowed = {"lora", "saved_module"} | ({"bias"} if cfg.lora_bias != "none" else set())
         if cfg.lora_bias != "none":
             allowed |= {"attention", "mlp", "norm", "other", "embeddings", "lm_head", "head"}
@@ -115,6 +121,12 @@ def verify_trainable(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
     elif cfg.method == "freeze" and report.trainable == report.total:
         problems.append(Problem("freeze_trainable_layers", "every parameter is trainable: nothing was frozen",
                                 value=cfg.freeze_trainable_layers, fix="check the freeze settings"))
+    elif cfg.method == "freeze" and cfg.freeze_layer_indices:
+        for i in cfg.freeze_layer_indices:
+            if i >= 0 and not any(f".{i}." in n for n in report.trainable_names):
+                problems.append(Problem("freeze_layer_indices", f"block {i} was asked for but none of its "
+                                        "parameters is trainable", value=i, fix="check the block indices with "
+                                        "`loraforge inspect MODEL`"))
     elif cfg.method == "full" and report.trainable != report.total:
         problems.append(Problem("method", f"full fine-tuning but only {report.percent:.1f}% of parameters are trainable",
                                 value=cfg.method))
