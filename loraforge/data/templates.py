@@ -126,7 +126,9 @@ def stop_token_ids(tokenizer: Any, template: str = "auto") -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     if name == "auto":
-        source = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+        chat_template = tokenizer.chat_template
+        # a tokenizer may carry several named templates (a dict); any of them may name the end-of-turn token
+        source = chat_template if isinstance(chat_template, str) else " ".join(map(str, dict(chat_template).values()))
         candidates = [t for t in KNOWN_END_TOKENS if t in source]
     elif name == "chatml":
         candidates = ["<|im_end|>"]
