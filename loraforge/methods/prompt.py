@@ -50,6 +50,9 @@ def prompt_learning_problems(cfg: RunConfig, hf_config: Any) -> list[Problem]:
     - prompt / ptuning with TOKEN_CLS or QUESTION_ANSWERING: PEFT prepends the virtual tokens to the logits but
       not to the labels (TOKEN_CLS: a batch-size mismatch) or the answer positions (QA: trains silently on
       positions shifted by `num_virtual_tokens`).
+    - prompt / ptuning with SEQ_CLS on a decoder-only model: PEFT calls the model with `inputs_embeds`, so the
+      classifier cannot find the last real token and pools whatever sits at the last position (a pad token in
+      a right-padded batch) — transformers only warns.
     - SEQ_2_SEQ_LM on a decoder-only model (FINDINGS traps 4 and 6).
     """
     from loraforge.config import TaskType
@@ -73,6 +76,11 @@ def prompt_learning_problems(cfg: RunConfig, hf_config: Any) -> list[Problem]:
             "method", f"{method} prepends virtual tokens to the outputs but PEFT does not shift the "
             f"{'labels' if task is TaskType.TOKEN_CLS else 'answer positions'} — {task.value} would be mis-trained",
             value=method, allowed="lora, qlora, prefix, freeze, full", fix="use `method: prefix` or `method: lora`"))
+    if method in LENGTHENS_SEQUENCE and task is TaskType.SEQ_CLS and kind == "decoder-only":
+        problems.append(Problem(
+            "method", f"{method} feeds input embeddings, so a decoder-only classifier ({model_type}) cannot find the "
+            "last real token and pools a padding position", value=method, allowed="lora, qlora, prefix, freeze, full",
+            fix="use `method: prefix` or `method: lora` for SEQ_CLS"))
     return problems
 
 

@@ -22,14 +22,25 @@ if TYPE_CHECKING:
     from loraforge.config import RunConfig
 
 
+# Names of task heads across transformers' models (LLaMA/GPT `score`, BERT `classifier`, QA `qa_outputs`).
+TASK_HEADS = ("lm_head", "score", "classifier", "qa_outputs")
+
+
 def quantization_config(cfg: RunConfig):
     """The `transformers.BitsAndBytesConfig` for `cfg.quant_bits` (4: NF4/FP4 + double quant + compute dtype; 8)."""
     import torch
     from transformers import BitsAndBytesConfig
 
+    skip: dict = {}
+    if cfg.task_type.value not in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        # A new task head is trained in full (PEFT modules_to_save): it must stay in full precision — a 4-bit
+        # `score` of a token classifier cannot require gradients. The list replaces transformers' default
+        # (the LM head), so that stays in it.
+        skip = {"llm_int8_skip_modules": list(TASK_HEADS)}
     if cfg.quant_bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
+        **skip,
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
