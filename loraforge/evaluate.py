@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 BASE = "base"  # the variant name of the model without adapter (same as loraforge.inference.BASE)
 REFERENCE_KEYS = ("reference", "expect")
 IGNORE_INDEX = -100
+_NO_CUTOFF = 1 << 30
 # Lower is better for these; every generation metric is higher-is-better.
 LOWER_IS_BETTER = ("loss", "perplexity")
 
@@ -82,6 +83,11 @@ class EvalOptions:
                                     allowed=">= 0 (0 = greedy)"))
         if self.limit is not None and self.limit < 1:
             problems.append(Problem("limit", "must be at least 1", value=self.limit, fix="leave it out to use every example"))
+        from loraforge.data.templates import TEMPLATES
+
+        if self.template not in TEMPLATES:
+            problems.append(Problem("template", "unknown template", value=self.template, allowed=", ".join(TEMPLATES),
+                                    fix="leave it at `auto` to use each variant's training template"))
         for check in (lambda: check_tokenize(self.tokenize), lambda: check_metrics(self.metrics)):
             try:
                 check()
@@ -328,6 +334,9 @@ def evaluate(base: str | Path, adapters: dict[str, str | Path] | None, data_path
         start = time.perf_counter()
         losses, n_tokens, n_truncated = _answer_losses(model, name, examples, options)
         truncated = max(truncated, n_truncated)
+        if n_tokens == 0:
+            raise DataError([Problem("cutoff_len", "no answer token is left in any example after truncation",
+                                     value=options.cutoff_len, fix="raise cutoff_len (use the training run's value)")])
         total_nll = sum(total for total, _ in losses if total is not None)
         loss = total_nll / max(n_tokens, 1)
         outputs = _generate(model, name, examples, options) if options.metrics else [""] * len(examples)
@@ -396,17 +405,21 @@ def _encode_for_loss(model: "InferenceModel", name: str, ex: EvalExample,
     if system and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})  # as InferenceModel does for generation
     messages.append({"role": "assistant", "content": ex.answer})
-    encoded, truncated = encode_conversation(model.tokenizer, messages, template=template,
-                                             cutoff_len=options.cutoff_len, train_on_prompt=False)
-    labels = list(encoded.labels)
+    # Encode in full first: the final answer's span must be found before truncation, or a cut-off answer
+    # would leave an earlier reply's tokens looking like "the last labelled span".
+    encoded, _ = encode_conversation(model.tokenizer, messages, template=template, cutoff_len=_NO_CUTOFF,
+                                     train_on_prompt=False)
+    ids, labels = list(encoded.input_ids), list(encoded.labels)
     # Earlier assistant turns (multi-turn context) are trained on in training, but here only the final answer
-    # is being tested: keep the last contiguous run of labelled tokens.
+    # is tested: keep the last contiguous run of labelled tokens.
     end = max((i for i, t in enumerate(labels) if t != IGNORE_INDEX), default=-1)
     start = end
     while start > 0 and labels[start - 1] != IGNORE_INDEX:
         start -= 1
-    labels = [t if start <= i <= end else IGNORE_INDEX for i, t in enumerate(labels)] if end >= 0 else labels
-    return list(encoded.input_ids), labels, truncated
+    labels = [t if start <= i <= end else IGNORE_INDEX for i, t in enumerate(labels)]
+    # Like training: keep the start, cut the end (the answer, or part of it, may be lost).
+    truncated = len(ids) > options.cutoff_len
+    return ids[: options.cutoff_len], labels[: options.cutoff_len], truncated
 
 
 def _answer_losses(model: "InferenceModel", name: str, examples: Sequence[EvalExample],

@@ -231,3 +231,135 @@ def test_adapter_beats_base_end_to_end(smollm2_dir, tmp_path):
     md = md_path.read_text(encoding="utf-8")
     assert "| metric | `base` | `zan` | Δ `zan` |" in md and "| contains % | 0.000 | **100.000** | +100.000 |" in md
     assert md.count("Qelmor") >= 6  # references and the adapter's outputs in the per-example rows
+
+
+def test_shipped_heldout_set_loads():
+    """examples/data/persona/heldout.jsonl uses `expect` with user-only conversations."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "data" / "persona" / "heldout.jsonl"
+    examples = load_eval_examples(path)
+    assert len(examples) == 15
+    assert all(e.references == ["Quillon"] and e.messages[-1]["role"] == "user" for e in examples)
+
+
+# ----------------------------------------------------------------------------------------------- tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny random LLaMA plus two random LoRA adapters and one prompt-tuning adapter, saved as PEFT dirs."""
+    import torch
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.models.tiny import tiny_model_dir
+
+    root = tmp_path_factory.mktemp("tiny_eval")
+    base_dir = tiny_model_dir("llama", root)
+    adapters = {}
+    for name, seed in (("A", 1), ("B", 2)):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        # init_lora_weights=False: random A and B, so the adapter really changes the outputs
+        peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        peft.save_pretrained(root / name)
+        adapters[name] = root / name
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    peft.save_pretrained(root / "P")
+    adapters["P"] = root / "P"
+    data = _write_jsonl(root / "test.jsonl", [
+        {"instruction": "Say hello.", "output": "Hello there, friend."},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."},
+                      {"role": "user", "content": "Count to three."}], "reference": ["1 2 3", "one two three"]},
+        {"instruction": "2+2?", "output": "4", "reference": ["4", "four"]},
+    ])
+    return base_dir, adapters, data
+
+
+def _peft_loss(base_dir: Path, adapter_dir: Path | None, messages: list, mask_until: int = 0) -> float:
+    """Mean answer-token loss computed by transformers/PEFT themselves (the reference for the evaluator);
+    labels before position `mask_until` are masked out."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraforge.data.templates import encode_conversation
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    enc, _ = encode_conversation(tokenizer, messages, cutoff_len=1024)
+    labels = [-100] * mask_until + enc.labels[mask_until:]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([enc.input_ids]), labels=torch.tensor([labels])).loss.item()
+
+
+def test_loss_matches_peft_for_lora_and_prompt_tuning_and_ab_report(tiny_setup, tmp_path):
+    from loraforge.evaluate import evaluate, format_summary, write_report
+
+    base_dir, adapters, data = tiny_setup
+    report = evaluate(base_dir, adapters, data, EvalOptions(max_new_tokens=4, batch_size=2))
+    assert list(report.variants) == ["base", "A", "B", "P"]
+    messages = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there, friend."}]
+    for name, adapter in [("base", None), *adapters.items()]:
+        # Example 0 is single-turn: the evaluator's answer loss must equal the library's own masked loss,
+        # including prompt tuning, whose logits carry extra virtual-token positions.
+        assert report.variants[name].example_losses[0] == pytest.approx(_peft_loss(base_dir, adapter, messages), rel=1e-4), name
+    losses = {n: v.loss for n, v in report.variants.items()}
+    assert len({round(x, 6) for x in losses.values()}) == 4  # every variant really ran with its own weights
+    assert set(report.deltas) == {"A", "B", "P"}
+    assert report.deltas["A"]["loss"] == pytest.approx(losses["A"] - losses["base"])
+    assert all(len(v.outputs) == 3 for v in report.variants.values())
+    # A/B: both adapters side by side in one table
+    _, md_path = write_report(report, tmp_path)
+    assert "| metric | `base` | `A` | `B` | `P` | Δ `A` | Δ `B` | Δ `P` |" in md_path.read_text(encoding="utf-8")
+    assert "Δ B" in format_summary(report)
+
+
+def test_multi_turn_loss_counts_only_the_final_answer(tiny_setup):
+    from loraforge.evaluate import evaluate
+
+    base_dir, _, data = tiny_setup
+    report = evaluate(base_dir, {}, data, EvalOptions(metrics=()))
+    base = report.variants["base"]
+    assert base.metrics == {} and base.outputs == ["", "", ""]  # loss only: no generation
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey."},
+                {"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "1 2 3"}]
+    # With SmolLM2's template (default system prompt), "Hey." is labelled at positions 31-33 and the final
+    # answer "1 2 3<|im_end|>" at 48-53.
+    final_start = 48
+    final_only = _peft_loss(base_dir, None, messages, mask_until=final_start)
+    both_replies = _peft_loss(base_dir, None, messages)
+    # training averages both replies; the evaluator scores only the final answer "1 2 3<|im_end|>"
+    assert base.example_losses[1] == pytest.approx(final_only, rel=1e-4)
+    assert final_only != pytest.approx(both_replies, rel=1e-3)
+
+
+def test_cutoff_len_truncation_is_reported(tiny_setup):
+    from loraforge.evaluate import evaluate
+
+    base_dir, _, data = tiny_setup
+    # Token counts with SmolLM2's template: example 0 = 40, example 2 = 37; the multi-turn example 1 = 55, with
+    # "Hey." at positions 31-33 and the final answer "1 2 3<|im_end|>" at 48-53.
+    report = evaluate(base_dir, {}, data, EvalOptions(metrics=("contains",), max_new_tokens=2, cutoff_len=45))
+    base = report.variants["base"]
+    assert report.truncated == 1
+    # the final answer is cut off entirely: the example has no loss (the earlier reply "Hey." must not stand in)
+    assert base.example_losses[1] is None
+    assert base.example_losses[0] is not None and base.example_losses[2] is not None
+    assert base.answer_tokens == 6 + 2
+    assert len(base.outputs) == 3  # generation still runs on every example
+    partial = evaluate(base_dir, {}, data, EvalOptions(metrics=(), cutoff_len=50)).variants["base"]
+    assert partial.answer_tokens == 6 + 2 + 2  # what fits still counts: answer tokens 48-49 of example 1
+
+
+def test_cutoff_len_too_short_for_any_answer_is_an_error(tiny_setup):
+    from loraforge.evaluate import evaluate
+
+    base_dir, _, data = tiny_setup
+    # the SmolLM2 template's default system prompt alone is longer than 30 tokens: no answer token is left
+    with pytest.raises(DataError) as err:
+        evaluate(base_dir, {}, data, EvalOptions(metrics=(), cutoff_len=30))
+    assert "cutoff_len" in err.value.format()
