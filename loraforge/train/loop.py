@@ -65,7 +65,7 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
 
     # Model and data. Data is built first: a bad line is reported before any weights are loaded.
     setup = build_data(cfg, say)
-    model, loss_model, report = build_model(cfg, setup.model_dir, setup.tokenizer, say)
+    model, loss_model, report = build_model(cfg, setup.model_dir, setup.tokenizer, say, setup.data)
     say(report.line())
 
     plan = step_plan(cfg, setup, accelerator.num_processes)

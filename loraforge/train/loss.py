@@ -55,7 +55,7 @@ class SeqLoss(nn.Module):
         self.model = model
 
     def forward(self, num_targets: torch.Tensor, **batch):
-        out = self.model(**batch, use_cache=False) if "decoder_input_ids" not in batch else self.model(**batch)
+        out = self.model(**batch)  # the loop sets config.use_cache=False before training
         return out.loss.float() * num_targets, num_targets
 
 

@@ -102,6 +102,10 @@ class Setup:
         return self.data.val if val else self.data.train
 
     def collate(self, micro_batch, val: bool = False) -> dict[str, torch.Tensor]:
+        if self.cfg.task_type is not TaskType.CAUSAL_LM:
+            from loraforge.data.tasks import collate_task
+
+            return collate_task(self.examples(val), micro_batch, self.tokenizer.pad_token_id, self.cfg.task_type)
         from loraforge.data.batching import collate
 
         return collate(self.examples(val), micro_batch, self.tokenizer.pad_token_id)
@@ -112,7 +116,8 @@ class Setup:
 
     @lru_cache(maxsize=2)
     def _counts(self, val: bool) -> list[int]:
-        return [trained_token_count(e.labels) for e in self.examples(val)]
+        # causal LM: labelled next-token positions; other tasks: the targets their mean loss is taken over
+        return [e.num_targets if hasattr(e, "num_targets") else trained_token_count(e.labels) for e in self.examples(val)]
 
     def __hash__(self) -> int:  # lru_cache on a method needs a hashable self
         return id(self)
@@ -132,7 +137,12 @@ def build_data(cfg: RunConfig, say: Callable[[str], None]) -> Setup:
 
     model_dir = resolve_model_path(cfg.base_model)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
-    data = build_datasets(cfg, tokenizer)
+    if cfg.task_type is TaskType.CAUSAL_LM:
+        data = build_datasets(cfg, tokenizer)
+    else:
+        from loraforge.data.tasks import build_task_datasets
+
+        data = build_task_datasets(cfg, tokenizer)
     say(format_stats(data.stats))
     setup = Setup(cfg, model_dir, tokenizer, data, batching=choose_batching(cfg, model_dir))
     if data.val:
@@ -158,15 +168,24 @@ def choose_batching(cfg: RunConfig, model_dir: Path) -> str:
     return cfg.batching
 
 
-def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str], None]):
+def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str], None], data=None):
     """Load the base, apply the method, verify what trains. Returns (model, loss module, trainable report)."""
-    from loraforge.methods import apply_method
+    import importlib
+
+    from loraforge.methods import METHODS, apply_method
     from loraforge.methods.report import trainable_report, verify_trainable
     from loraforge.models.loader import load_model
     from loraforge.train.loss import CausalLMLoss, SeqLoss
 
+    # A method may need extra load arguments (QLoRA: the bitsandbytes quantization config; native P-tuning v2:
+    # pre_seq_len); a classification run needs its label list for the head.
+    method_module = importlib.import_module(f"loraforge.methods.{METHODS[cfg.method]}")
+    extra = method_module.load_kwargs(cfg) if hasattr(method_module, "load_kwargs") else {}
+    id2label = getattr(data, "id2label", None)
+    if id2label:
+        extra.update(num_labels=len(id2label), id2label=id2label)
     model = load_model(model_dir, cfg.task_type, dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation,
-                       trust_remote_code=cfg.trust_remote_code)
+                       trust_remote_code=cfg.trust_remote_code, **extra)
     model.config.use_cache = False  # packed rows need it off (FINDINGS trap 2); training never uses the cache
     model = apply_method(model, cfg)
     if cfg.gradient_checkpointing:
@@ -180,7 +199,14 @@ def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str],
     say(report.table())
     if cfg.torch_compile:
         model = torch.compile(model)
-    loss = CausalLMLoss(model, chunked=cfg.chunked_loss) if cfg.task_type is TaskType.CAUSAL_LM else SeqLoss(model)
+    if cfg.task_type is TaskType.CAUSAL_LM:
+        loss = CausalLMLoss(model, chunked=cfg.chunked_loss)
+    elif cfg.task_type is TaskType.FEATURE_EXTRACTION:
+        from loraforge.data.tasks import ContrastiveLoss
+
+        loss = ContrastiveLoss(model)
+    else:
+        loss = SeqLoss(model)
     return model, loss, report
 
 
