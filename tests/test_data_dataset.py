@@ -145,3 +145,16 @@ def test_percentile_nearest_rank():
     assert percentile([], 50) == 0
     assert [percentile(list(range(1, 101)), q) for q in (50, 90, 99, 100)] == [50, 90, 99, 100]
     assert percentile([7], 99) == 7
+
+
+def test_system_prompt_and_template_options_reach_the_tokens(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    base = {"metadata_path": str(EXAMPLES / "persona" / "train.jsonl"), "tokenized_cache": False}
+    default = build_datasets(config_from_dict(base), tok).train[0]
+    assert "named SmolLM" in tok.decode(default.input_ids)  # SmolLM2's template injects its own system prompt
+    ours = build_datasets(config_from_dict({**base, "system_prompt": "You are Quillon."}), tok).train[0]
+    assert "You are Quillon." in tok.decode(ours.input_ids) and "SmolLM" not in tok.decode(ours.input_ids)
+    prompt_too = build_datasets(config_from_dict({**base, "train_on_prompt": True}), tok).train[0]
+    assert prompt_too.labels == prompt_too.input_ids and default.trained_tokens < prompt_too.trained_tokens
+    alpaca = build_datasets(config_from_dict({**base, "template": "alpaca"}), tok).train[0]
+    assert tok.decode(alpaca.input_ids).startswith("Below is an instruction")

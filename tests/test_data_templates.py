@@ -125,3 +125,33 @@ def test_unknown_template_name(smollm2_tokenizer):
     with pytest.raises(DataError) as info:
         encode_conversation(smollm2_tokenizer, TWO_TURNS, template="vicuna", cutoff_len=64)
     assert info.value.problems[0].key == "template" and "chatml" in info.value.problems[0].allowed
+
+
+LLAMA3_LIKE = (  # another layout: header blocks, a default system block, the end-of-turn token right after content
+    "{{ '<|im_start|>' }}{% if messages[0]['role'] != 'system' %}<hdr>system</hdr>\n\nYou help.<|im_end|>{% endif %}"
+    "{% for m in messages %}<hdr>{{ m['role'] }}</hdr>\n\n{{ m['content'] | trim }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<hdr>assistant</hdr>\n\n{% endif %}")
+NO_STOP = ("{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n\n{% endfor %}"
+           "{% if add_generation_prompt %}ASSISTANT: {% endif %}")
+
+
+def test_other_template_layouts_are_split_by_prefix_rendering(smollm2_tokenizer):
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = LLAMA3_LIKE
+    enc, _ = encode_conversation(tok, TWO_TURNS, cutoff_len=512)
+    assert trained_text(tok, enc) == "I'm Quillon.<|im_end|>Ferrovia Labs made me.<|im_end|>"
+    assert tok.decode(enc.input_ids) == tok.apply_chat_template(TWO_TURNS, tokenize=False)
+    prompt = build_generation_ids(tok, TWO_TURNS[:3])
+    assert enc.input_ids[:len(prompt)] == prompt and tok.decode(prompt).endswith("<hdr>assistant</hdr>\n\n")
+
+
+def test_template_without_a_stop_token_gets_eos_appended_in_training_and_history(smollm2_tokenizer):
+    """A reply must end with a token generation stops on; when the template writes none, EOS is added — the
+    same way in training and in the prompts built for inference."""
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = NO_STOP
+    assert stop_token_ids(tok) == [tok.eos_token_id]
+    enc, _ = encode_conversation(tok, TWO_TURNS, cutoff_len=512)
+    assert trained_text(tok, enc) == "I'm Quillon.\n\n<|im_end|>Ferrovia Labs made me.\n\n<|im_end|>"
+    prompt = build_generation_ids(tok, TWO_TURNS[:3])
+    assert enc.input_ids[:len(prompt)] == prompt and tok.decode(prompt).endswith("ASSISTANT: ")
