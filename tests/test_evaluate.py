@@ -241,6 +241,21 @@ def test_shipped_heldout_set_loads():
     assert all(e.references == ["Quillon"] and e.messages[-1]["role"] == "user" for e in examples)
 
 
+def test_shipped_chinese_eval_set_loads_and_scores():
+    from loraforge.metrics import score_generations
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "data" / "eval" / "capitals_zh.jsonl"
+    examples = load_eval_examples(path)
+    assert len(examples) == 6 and examples[0].references == ["北京", "北京市"]
+    assert examples[3].answer == "伦敦"  # reference-only row: the loss scores the first reference
+    # the written answers contain a reference (no spaces in Chinese: contains works on characters)
+    refs = [e.references for e in examples]
+    scores = score_generations([e.answer for e in examples], refs, ("contains", "rouge_l"), "auto")
+    assert scores["contains"] == 100.0
+    wrong = score_generations(["我不知道。"] * 6, refs, ("contains",), "jieba")
+    assert wrong["contains"] == 0.0
+
+
 # ----------------------------------------------------------------------------------------------- tiny model
 
 
