@@ -432,10 +432,16 @@ def _answer_losses(model: "InferenceModel", name: str, examples: Sequence[EvalEx
     encoded = [_encode_for_loss(model, name, ex, options) for ex in examples]
     n_truncated = sum(1 for _, _, cut in encoded if cut)
     results: list[tuple[float | None, int]] = [(None, 0)] * len(examples)
-    # Sort by length so each batch pads little; right padding is fine for a teacher-forced forward pass.
-    order = sorted(range(len(examples)), key=lambda i: len(encoded[i][0]))
+    order = sorted(range(len(examples)), key=lambda i: len(encoded[i][0]))  # similar lengths share a batch
     order = [i for i in order if any(t != IGNORE_INDEX for t in encoded[i][1])]
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    info = model.adapter_info(name) if name != BASE else None
+    # Left padding puts every answer at the end of the batch, so the model only has to compute logits for the
+    # last few positions (`logits_to_keep`): full logits are batch × length × vocabulary floats, gigabytes for
+    # a 150k vocabulary at 1024 tokens. Prompt-learning adapters keep right padding, because their output
+    # changes with left padding (FINDINGS trap 5), and compute full logits.
+    accepts = _forward_parameters(model.model)
+    left = not (info is not None and info.prompt_learning)
     with _forward_module(model, name) as module, torch.inference_mode():
         for b in range(0, len(order), options.batch_size):
             rows = order[b: b + options.batch_size]
@@ -445,20 +451,38 @@ def _answer_losses(model: "InferenceModel", name: str, examples: Sequence[EvalEx
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for r, i in enumerate(rows):
                 seq, lab, _ = encoded[i]
-                ids[r, : len(seq)] = torch.tensor(seq)
-                labels[r, : len(lab)] = torch.tensor(lab)
-                mask[r, : len(seq)] = 1
-            out = module(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False)
-            # Prompt tuning prepends virtual tokens to the logits; the last `width` positions are the real ones.
-            logits = out.logits[:, -width:, :].float()
-            # Position t predicts token t+1 (the usual causal shift).
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
-                                  ignore_index=IGNORE_INDEX, reduction="none").view(len(rows), width - 1)
-            counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+                at = slice(width - len(seq), width) if left else slice(0, len(seq))
+                ids[r, at], labels[r, at], mask[r, at] = torch.tensor(seq), torch.tensor(lab), 1
+            kwargs: dict[str, Any] = {}
+            keep = width
+            if left and "position_ids" in accepts:
+                # positions count real tokens only, so absolute position embeddings see no padding
+                kwargs["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0).to(model.device)
+            if left and "logits_to_keep" in accepts:
+                first_label = int((labels != IGNORE_INDEX).int().argmax(dim=1).min())
+                keep = width - first_label + 1  # the logits at first_label - 1 predict the first answer token
+                kwargs["logits_to_keep"] = keep
+            out = module(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False,
+                         **kwargs)
+            # The logits cover the last `keep` positions (prompt tuning prepends virtual-token positions before
+            # them). Logits at position t predict the token at t + 1.
+            logits = out.logits[:, -keep:, :].float()
+            targets = labels[:, width - keep + 1:].to(logits.device)
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  ignore_index=IGNORE_INDEX, reduction="none").view(len(rows), keep - 1)
+            counts = (targets != IGNORE_INDEX).sum(dim=1)
             for r, i in enumerate(rows):
                 results[i] = (float(nll[r].sum()), int(counts[r]))
     total_tokens = sum(count for _, count in results)
     return results, total_tokens, n_truncated
+
+
+def _forward_parameters(module: Any) -> set[str]:
+    """Names the model's forward accepts explicitly (not all architectures take position_ids or
+    logits_to_keep)."""
+    import inspect
+
+    return set(inspect.signature(module.forward).parameters)
 
 
 def _generate(model: "InferenceModel", name: str, examples: Sequence[EvalExample], options: EvalOptions) -> list[str]:

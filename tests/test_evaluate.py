@@ -318,10 +318,14 @@ def test_loss_matches_peft_for_lora_and_prompt_tuning_and_ab_report(tiny_setup, 
     report = evaluate(base_dir, adapters, data, EvalOptions(max_new_tokens=4, batch_size=2))
     assert list(report.variants) == ["base", "A", "B", "P"]
     messages = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there, friend."}]
+    short = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
     for name, adapter in [("base", None), *adapters.items()]:
-        # Example 0 is single-turn: the evaluator's answer loss must equal the library's own masked loss,
-        # including prompt tuning, whose logits carry extra virtual-token positions.
-        assert report.variants[name].example_losses[0] == pytest.approx(_peft_loss(base_dir, adapter, messages), rel=1e-4), name
+        # Single-turn examples: the evaluator's answer loss must equal the library's own masked loss on the
+        # unpadded sequence — also for example 2, left-padded in its batch, and for prompt tuning, whose logits
+        # carry extra virtual-token positions.
+        got = report.variants[name].example_losses
+        assert got[0] == pytest.approx(_peft_loss(base_dir, adapter, messages), rel=1e-4), name
+        assert got[2] == pytest.approx(_peft_loss(base_dir, adapter, short), rel=1e-4), name
     losses = {n: v.loss for n, v in report.variants.items()}
     assert len({round(x, 6) for x in losses.values()}) == 4  # every variant really ran with its own weights
     assert set(report.deltas) == {"A", "B", "P"}
@@ -378,3 +382,18 @@ def test_cutoff_len_too_short_for_any_answer_is_an_error(tiny_setup):
     with pytest.raises(DataError) as err:
         evaluate(base_dir, {}, data, EvalOptions(metrics=(), cutoff_len=30))
     assert "cutoff_len" in err.value.format()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom"])
+def test_left_padded_batches_equal_one_by_one(family, tiny_setup, tmp_path_factory):
+    """GPT-2 has absolute position embeddings (position_ids must skip the padding) and Bloom's forward takes no
+    position_ids at all (ALiBi from the mask): batching must not change any example's loss."""
+    from loraforge.evaluate import evaluate
+    from loraforge.models.tiny import tiny_model_dir
+
+    _, _, data = tiny_setup
+    base_dir = tiny_model_dir(family, tmp_path_factory.mktemp(family))
+    batched = evaluate(base_dir, {}, data, EvalOptions(metrics=(), batch_size=3)).variants["base"]
+    single = evaluate(base_dir, {}, data, EvalOptions(metrics=(), batch_size=1)).variants["base"]
+    assert batched.example_losses == pytest.approx(single.example_losses, abs=1e-5)
+    assert batched.answer_tokens == single.answer_tokens > 0
