@@ -354,7 +354,7 @@ def build_task_datasets(cfg: Any, tokenizer: Any) -> TaskDataBundle:
     Raises:
         DataError: missing files, bad rows (all listed), a bad split, or no usable example.
     """
-    from loraforge.data.dataset import _check_val_options, split_rows
+    from loraforge.data.dataset import check_val_options, split_rows
     from loraforge.data.formats import resolve_train_files
 
     task = _task(cfg)
@@ -362,7 +362,7 @@ def build_task_datasets(cfg: Any, tokenizer: Any) -> TaskDataBundle:
         raise DataError([Problem("task_type", "not a task type with a task dataset", value=task,
                                  allowed=", ".join(ENCODERS))])
     files = resolve_train_files(cfg)
-    val_file = _check_val_options(cfg)
+    val_file = check_val_options(cfg)
     rows = _rows(files)
     val_rows = _rows([val_file]) if val_file is not None else None
     if cfg.val_size > 0:

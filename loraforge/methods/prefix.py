@@ -35,8 +35,14 @@ def uses_native_prefix(hf_config: Any) -> bool:
 
 
 def load_kwargs(cfg: RunConfig, hf_config: Any = None) -> dict[str, Any]:
-    """Config overrides for `from_pretrained` so a native-prefix model builds its prefix encoder; {} otherwise."""
-    if hf_config is None or not uses_native_prefix(hf_config):
+    """Config overrides for `load_model` / `from_pretrained` so a native-prefix model builds its prefix encoder;
+    {} otherwise. `hf_config` defaults to the config of `cfg.base_model`."""
+    if hf_config is None:
+        from loraforge.models.discovery import load_hf_config
+        from loraforge.models.gguf import resolve_model_path
+
+        hf_config = load_hf_config(resolve_model_path(cfg.base_model), cfg.trust_remote_code)
+    if not uses_native_prefix(hf_config):
         return {}
     return {"pre_seq_len": cfg.num_virtual_tokens, "prefix_projection": cfg.prefix_projection}
 

@@ -48,11 +48,11 @@ def quantization_config(cfg: RunConfig):
     )
 
 
-def load_kwargs(cfg: RunConfig) -> dict[str, Any]:
+def load_kwargs(cfg: RunConfig, hf_config: Any = None) -> dict[str, Any]:
     """Extra keyword arguments for `loraforge.models.loader.load_model` when the method is qlora.
 
     On CUDA the whole model is placed on the current GPU while loading (bitsandbytes quantizes on the way in);
-    on CPU no device map is needed.
+    on CPU no device map is needed. `hf_config` is unused (the same signature as `prefix.load_kwargs`).
     """
     import torch
 
