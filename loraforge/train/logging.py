@@ -22,11 +22,15 @@ class RunLogger:
                         dynamic_ncols=True, desc="train")
         if not enabled:
             return
+        if append:
+            _drop_records_after(run_dir / "metrics.jsonl", start_step)
         self.metrics = (run_dir / "metrics.jsonl").open("a" if append else "w", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
+            # purge_step drops events at steps >= it, which the interrupted run logged after its checkpoint
+            # and this run is about to log again.
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if append else None)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -55,6 +59,22 @@ class RunLogger:
             self.metrics.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop the interrupted run's records of them."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and _record_step(line) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a line cut short by kill -9
+        return float("inf")
 
 
 def plot_loss(history: list[dict], out_png: Path) -> Path | None:

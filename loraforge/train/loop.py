@@ -62,6 +62,9 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
     main = accelerator.is_main_process
     say = echo if main else (lambda _msg: None)
     run_dir, resume_from = prepare_run_dir(cfg, is_main=main)
+    # Every process has checked the run dir before the main one writes anything into it (else a slower rank
+    # could mistake this run's fresh files for a previous run), and the main one has finished cleaning it.
+    accelerator.wait_for_everyone()
 
     # Model and data. Data is built first: a bad line is reported before any weights are loaded.
     setup = build_data(cfg, say)
@@ -128,8 +131,9 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
                     raise TrainingDiverged([Problem(f"step {state.global_step + 1}", f"loss is {step_loss}",
                                                     fix=f"lower learning_rate (now {cfg.learning_rate}) or check the data; "
                                                         f"last good checkpoint: {last or 'none'}")])
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) \
-                    if cfg.max_grad_norm else None
+                # max_grad_norm null: no clipping, but the norm is still measured and logged
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                lr = scheduler.get_last_lr()[0]  # the rate this step used (read before the scheduler advances)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -141,7 +145,6 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
                 window["loss"] += loss_sum.item()
                 window["tokens"] += step_tokens
                 last_loss = step_loss
-                lr = scheduler.get_last_lr()[0]
                 logger.progress(1, loss=step_loss, lr=lr, tok_s=window["tokens"] / max(time.time() - window["t"], 1e-9))
                 if state.global_step % cfg.logging_steps == 0 or state.global_step == plan.total_steps:
                     record = {"step": state.global_step, "epoch": round(state.epoch + state.group / len(groups), 4),
