@@ -63,6 +63,16 @@ def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print) -> Prefli
     """
     problems: list[Problem] = []
     report = PreflightReport()
+    if cfg.task_type is TaskType.TEXT_TO_IMAGE:
+        # A Stable Diffusion run: its own recipe checks data, pipeline layout and UNet targets (no weights).
+        from loraforge.image.preflight import check_image_run
+
+        problems = check_image_run(cfg)
+        if problems:
+            raise PreflightError(problems)
+        report.model_type, report.kind = "stable-diffusion", "text-to-image"
+        echo(report.summary(cfg))
+        return report
     hf_config = _collect(problems, _model_checks, cfg, report)
     if hf_config is not None:
         problems += _collect(problems, _method_checks, cfg, hf_config) or []

@@ -87,6 +87,8 @@ EXPECTED: dict[str, list[str]] = {
     "data_unknown_row_shape": ["unknown_row_shape.jsonl:1: row has neither `instruction`/`output` nor `messages`",
                            "['question', 'answer']"],
     "data_empty_file": ["empty_file.jsonl", "no examples found"],
+    # --- text-to-image routes to the image recipe's own checks ---
+    "image_missing_model": ["base_model: no local Stable Diffusion model at this path", "no_sd_model"],
 }
 
 
