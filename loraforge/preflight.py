@@ -78,6 +78,7 @@ def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print) -> Prefli
         problems += _collect(problems, _method_checks, cfg, hf_config) or []
         _collect(problems, _batching_check, cfg, report)
     problems += _precision_problems(cfg)
+    problems += _output_problems(cfg)
     _collect(problems, _data_checks, cfg, report, model_ok=hf_config is not None)
     if problems:
         raise PreflightError(_dedupe(problems))
@@ -179,6 +180,35 @@ def _precision_problems(cfg: RunConfig) -> list[Problem]:
         return []
     return [Problem("precision", "fp16 mixed precision needs a CUDA GPU, and none is available", value="fp16",
                     allowed="auto, fp32, bf16", fix="use `precision: bf16` (or auto) on CPU")]
+
+
+def _output_problems(cfg: RunConfig) -> list[Problem]:
+    """The run-dir rules of the trainer (`train/setup.py:prepare_run_dir`), checked read-only: resuming needs
+    a checkpoint, and a finished run is not overwritten by accident."""
+    from loraforge.train.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
+    from loraforge.train.setup import RUN_ARTIFACTS
+
+    run_dir = Path(cfg.output_dir)
+    found = [p.name for p in list_checkpoints(run_dir)] if run_dir.is_dir() else []
+    if cfg.resume_from_checkpoint == "latest":
+        if not run_dir.is_dir() or latest_checkpoint(run_dir) is None:
+            return [Problem("resume_from_checkpoint", f"no complete checkpoint in {run_dir}", value="latest",
+                            allowed="`latest` when output_dir holds a checkpoint-N folder",
+                            fix="remove resume_from_checkpoint to start a new run (or fix output_dir)")]
+        return []
+    if cfg.resume_from_checkpoint:
+        if not (Path(cfg.resume_from_checkpoint) / STATE_FILE).is_file():
+            return [Problem("resume_from_checkpoint", "not a complete loraforge checkpoint",
+                            value=cfg.resume_from_checkpoint, allowed=f"`latest` or one of: {', '.join(found) or 'none'}",
+                            fix="point at a checkpoint-N folder of a previous run")]
+        return []
+    previous = [a for a in RUN_ARTIFACTS if (run_dir / a).exists()] + found if run_dir.is_dir() else []
+    if previous and not cfg.overwrite_output_dir:
+        return [Problem("output_dir", f"already holds a training run ({', '.join(previous[:3])})", value=str(run_dir),
+                        allowed="an empty or new folder, or overwrite_output_dir: true",
+                        fix="continue it with `resume_from_checkpoint: latest`, start over with "
+                            "`overwrite_output_dir: true`, or pick another output_dir")]
+    return []
 
 
 # ------------------------------------------------------------------------------------------------- data side

@@ -39,7 +39,7 @@ def data_file(tmp_path_factory):
 
 def cfg_of(model, data, **kw):
     return config_from_dict({"base_model": str(model), "metadata_path": str(data), "cutoff_len": 64,
-                             "tokenized_cache": False, **kw})
+                             "tokenized_cache": False, "output_dir": str(data.parent / "run"), **kw})
 
 
 def test_summary_counts_examples_percentiles_and_overlong(weightless_llama, data_file):

@@ -87,6 +87,13 @@ EXPECTED: dict[str, list[str]] = {
     "data_unknown_row_shape": ["unknown_row_shape.jsonl:1: row has neither `instruction`/`output` nor `messages`",
                            "['question', 'answer']"],
     "data_empty_file": ["empty_file.jsonl", "no examples found"],
+    # --- run dir and adapters ---
+    "output_dir_has_run": ["output_dir: already holds a training run (run.json)", "previous_run",
+                           "resume_from_checkpoint: latest", "overwrite_output_dir: true"],
+    "resume_without_checkpoint": ["resume_from_checkpoint: no complete checkpoint", "(got 'latest')",
+                                  "remove resume_from_checkpoint"],
+    "init_adapter_not_adapter": ["init_adapter: not an adapter folder (no adapter_config.json)",
+                                 "finished run's output_dir"],
     # --- text-to-image routes to the image recipe's own checks ---
     "image_missing_model": ["base_model: no local Stable Diffusion model at this path", "no_sd_model"],
 }
