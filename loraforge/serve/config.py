@@ -1,0 +1,128 @@
+"""`loraforge serve` settings: one base model, named adapters, optional A/B routes, safety limits.
+
+Loaded from YAML (`configs/serve-*.yaml`) or built from CLI flags. No torch import here.
+Relative paths in a YAML file are relative to that file's folder; with `adapter_roots` set, adapter paths
+are relative to the roots (and must stay inside them).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraforge.errors import ConfigError, Problem, suggestion
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+
+class RouteTarget(BaseModel):
+    """One arm of an A/B route."""
+
+    model_config = ConfigDict(extra="forbid")
+    adapter: str = Field(description="A loaded adapter name, or `base`.")
+    weight: float = Field(gt=0, description="Relative share of requests (weights need not sum to 1).")
+
+
+class ServerConfig(BaseModel):
+    """Everything `loraforge serve` needs."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    base_model: str = Field("smollm2", description="Built-in name, local HF model dir or .gguf file.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Public model name -> adapter dir, loaded at start.")
+    adapter_roots: list[Path] = Field(
+        default_factory=list,
+        description="If set, adapters (at start and through the admin API) must lie inside these folders.")
+    routes: dict[str, list[RouteTarget]] = Field(
+        default_factory=dict,
+        description="A/B routes: public name -> weighted adapters, e.g. {medical: [{adapter: cardiology, weight: 0.9}, "
+                    "{adapter: cardiology-v2, weight: 0.1}]}. The chosen adapter is reported in each response.")
+    host: str = Field("127.0.0.1", description="Bind address. Loopback by default; set an api_key before binding 0.0.0.0.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port).")
+    api_key: Union[str, None] = Field(None, description="If set, every /v1 and /admin request needs `Authorization: Bearer KEY`.")
+    max_concurrency: int = Field(64, gt=0, description="Requests admitted at once; more get HTTP 429.")
+    scheduling: Literal["batch", "lock"] = Field(
+        "batch",
+        description="batch: concurrent requests are generated together, each row with its own adapter (PEFT "
+                    "adapter_names); lock: one request at a time. See docs/SERVING.md for the measurement.")
+    max_batch_size: int = Field(16, gt=0, description="batch scheduling: most requests generated together.")
+    batch_window_ms: float = Field(5.0, ge=0, description="batch scheduling: how long to wait for more requests to join a batch.")
+    default_max_tokens: int = Field(256, gt=0, description="Completion length when a request gives no max_tokens.")
+    max_tokens_limit: int = Field(2048, gt=0, description="Largest max_tokens a request may ask for.")
+    default_temperature: float = Field(1.0, ge=0, le=2, description="Temperature when a request gives none (OpenAI's default is 1).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Base model dtype.")
+    trust_remote_code: bool = Field(False, description="Run the model's own Python code.")
+    route_seed: Union[int, None] = Field(None, description="Seed for A/B choices (reproducible routing in tests).")
+
+    @field_validator("adapters")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if name == "base" or not _NAME_RE.match(name):
+                raise ValueError(f"invalid adapter name {name!r}: use 1-64 of A-Z a-z 0-9 . _ : - and not `base`")
+        return v
+
+    @model_validator(mode="after")
+    def _routes(self) -> "ServerConfig":
+        known = {"base", *self.adapters}
+        for route, targets in self.routes.items():
+            if route in known:
+                raise ValueError(f"route `{route}` has the same name as an adapter (or `base`)")
+            if not _NAME_RE.match(route):
+                raise ValueError(f"invalid route name {route!r}")
+            if not targets:
+                raise ValueError(f"route `{route}` has no targets")
+            for t in targets:
+                if t.adapter not in known:
+                    hint = suggestion(t.adapter, known)
+                    raise ValueError(f"route `{route}` names unknown adapter `{t.adapter}`"
+                                     + (f" ({hint})" if hint else f"; known: {', '.join(sorted(known))}"))
+        return self
+
+
+def server_config_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> ServerConfig:
+    """Validate a dict (all problems reported together). Relative paths resolve against `base_dir`.
+
+    Raises:
+        ConfigError: every invalid or unknown key, with the bad value and a did-you-mean.
+    """
+    data = dict(data)
+    if base_dir is not None:
+        roots = [str((base_dir / r) if not Path(str(r)).is_absolute() else r) for r in data.get("adapter_roots") or []]
+        if roots:
+            data["adapter_roots"] = roots
+        elif isinstance(data.get("adapters"), dict):
+            data["adapters"] = {k: str(base_dir / v) if isinstance(v, str) and not Path(v).is_absolute() else v
+                                for k, v in data["adapters"].items()}
+    try:
+        return ServerConfig.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"]) or "config"
+            fix = suggestion(key, ServerConfig.model_fields) if e["type"] == "extra_forbidden" else None
+            problems.append(Problem(f"{source}: {key}", e["msg"].removeprefix("Value error, "),
+                                    value=e.get("input") if e["type"] != "missing" else None, fix=fix))
+        raise ConfigError(problems, title="invalid server config") from None
+
+
+def load_server_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ServerConfig:
+    """Read a serve YAML file; `overrides` (from CLI flags, None values ignored) win over the file.
+
+    Raises:
+        ConfigError: unreadable file, not a mapping, or invalid keys.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError([Problem(str(path), f"cannot read the server config: {err}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(str(path), "must be a YAML mapping of keys to values", value=type(data).__name__)])
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return server_config_from_dict(data, source=str(path), base_dir=path.parent)

@@ -1,0 +1,170 @@
+"""The subset of the OpenAI API that `loraforge serve` speaks (requests validated, responses built here).
+
+Requests accept and ignore fields we do not use (clients send many), but reject values we cannot honour
+(`n > 1`, `logprobs`) instead of silently answering something else.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: Union[str, None] = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    model: str = Field(min_length=1)
+    temperature: Union[float, None] = Field(None, ge=0, le=2)
+    top_p: Union[float, None] = Field(None, gt=0, le=1)
+    stop: Union[str, list[str], None] = None
+    seed: Union[int, None] = None
+    stream: bool = False
+    stream_options: Union[StreamOptions, None] = None
+    n: int = Field(1, ge=1, le=1, description="Only one choice per prompt is supported.")
+    logprobs: Union[bool, int, None] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Union[str, list[str], None]) -> Union[list[str], None]:
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
+            raise ValueError("stop must be at most 4 non-empty strings")
+        return stops
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: Any) -> None:
+        if v:
+            raise ValueError("logprobs are not supported by loraforge serve")
+        return None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Union[int, None] = Field(None, ge=1)
+    max_completion_tokens: Union[int, None] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _last_turn(self) -> "ChatCompletionRequest":
+        if self.messages[-1].role == "assistant":
+            raise ValueError("the last message must not be from the assistant (nothing to answer)")
+        return self
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        # `developer` is the newer name of `system` in the OpenAI API.
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def token_limit(self) -> Union[int, None]:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]]
+    max_tokens: Union[int, None] = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Union[str, list[str]]) -> list[str]:
+        prompts = [v] if isinstance(v, str) else v
+        if not prompts or len(prompts) > 32:
+            raise ValueError("prompt must be a string or a list of 1 to 32 strings")
+        return prompts
+
+    @model_validator(mode="after")
+    def _no_stream_batch(self) -> "CompletionRequest":
+        if self.stream and len(self.prompt) > 1:
+            raise ValueError("streaming supports a single prompt")
+        return self
+
+
+class AdapterLoad(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+
+
+class AdapterReplace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1)
+
+
+# ----------------------------------------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def error_body(message: str, type_: str = "invalid_request_error", *, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(id_: str, model: str, adapter: str, text: str, finish_reason: str, prompt_tokens: int,
+                    completion_tokens: int) -> dict[str, Any]:
+    return {"id": id_, "object": "chat.completion", "created": now(), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                         "logprobs": None}],
+            "usage": usage(prompt_tokens, completion_tokens), "loraforge_adapter": adapter}
+
+
+def chat_chunk(id_: str, model: str, adapter: str, delta: dict[str, Any], finish_reason: str | None = None,
+               usage_: dict[str, int] | None = None, *, empty_choices: bool = False) -> dict[str, Any]:
+    choices = [] if empty_choices else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+    body = {"id": id_, "object": "chat.completion.chunk", "created": now(), "model": model, "choices": choices,
+            "loraforge_adapter": adapter}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def text_completion(id_: str, model: str, adapter: str, choices: list[dict[str, Any]], usage_: dict[str, int] | None,
+                    obj: str = "text_completion") -> dict[str, Any]:
+    body = {"id": id_, "object": obj, "created": now(), "model": model, "choices": choices,
+            "loraforge_adapter": adapter}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
+
+
+def model_list(names: list[str]) -> dict[str, Any]:
+    created = now()
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "loraforge"}
+                                       for n in names]}
