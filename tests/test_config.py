@@ -39,7 +39,7 @@ def test_all_problems_reported_together_with_four_parts():
     assert "learning_rate" in probs["lerning_rate"].fix
     rank = probs["lora_rank"]
     assert (rank.value, rank.allowed) == (0, "> 0") and "lora_rank: 8" in rank.fix
-    assert probs["lora_dropout"].allowed == "< 1"
+    assert probs["lora_dropout"].allowed == ">= 0 and < 1"  # the whole range, not only the failed bound
     sched = probs["lr_scheduler"]
     assert sched.allowed == "constant, linear, cosine" and "`cosine`" in sched.fix
     assert probs["batch_size"].allowed == "an integer" and "batch_size: 4" in probs["batch_size"].fix

@@ -42,17 +42,21 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([Problem(str(path), "config file not found", fix="check the path")])
+        raise ConfigError([Problem("config", "config file not found", value=str(path), allowed="a YAML file",
+                                   fix="check the path (relative paths start from the current directory)")])
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([Problem(where, f"not valid YAML: {getattr(e, 'problem', e)}")]) from None
+        raise ConfigError([Problem(where, f"not valid YAML: {getattr(e, 'problem', e)}",
+                                   allowed="one `key: value` per line; lists as [a, b]; quotes around text with `:`",
+                                   fix="check the brackets, quotes and indentation on that line and the one before")]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([Problem(str(path), "the config must be a mapping of key: value", value=type(raw).__name__)])
+        raise ConfigError([Problem(str(path), "the config must be a mapping of key: value", value=type(raw).__name__,
+                                   allowed="key: value lines at the top level", fix="remove the leading `- `")])
     raw = {**raw, **dict(overrides or {})}
     return config_from_dict(raw)
 
@@ -207,6 +211,8 @@ def _describe_type(field) -> str | None:
         if origin in (list, tuple):
             inner = typing.get_args(tp)
             return "a list of " + (_PLURAL.get(inner[0], "values") if inner else "values")
+        if isinstance(tp, type) and hasattr(tp, "model_fields"):
+            return "a mapping of " + ", ".join(list(tp.model_fields)[:4]) + ", …"
         if isinstance(tp, type) and issubclass(tp, Enum):
             return "one of " + ", ".join(str(m.value) for m in tp)
         return _SINGULAR.get(tp, getattr(tp, "__name__", str(tp)))
