@@ -324,10 +324,16 @@ def evaluate(base: str | Path, adapters: dict[str, str | Path] | None, data_path
     if model is None:
         say(f"loading {base}" + (f" with adapters {', '.join(adapters)}" if adapters else ""))
         model = InferenceModel.load(base, adapters)
-    if options.template != "auto":
-        _force_template(model, options.template)
     say(f"{len(examples)} examples, variants: {', '.join(model.adapter_names)}")
+    with _forced_template(model, options.template):
+        variants, truncated = _evaluate_variants(model, examples, options, say)
+    return EvalReport(base=str(base), data_path=str(data_path), options=options, examples=examples,
+                      variants=variants, truncated=truncated)
 
+
+def _evaluate_variants(model: "InferenceModel", examples: list[EvalExample], options: EvalOptions,
+                       say: Callable[[str], None]) -> tuple[dict[str, VariantResult], int]:
+    """Loss, then generations and their scores, for every variant in turn: (results by name, truncated count)."""
     variants: dict[str, VariantResult] = {}
     truncated = 0
     for name in model.adapter_names:
@@ -343,26 +349,35 @@ def evaluate(base: str | Path, adapters: dict[str, str | Path] | None, data_path
         refs = [ex.references for ex in examples]
         metrics = score_generations(outputs, refs, options.metrics, options.tokenize) if options.metrics else {}
         variants[name] = VariantResult(
-            name=name, adapter_path=adapters.get(name), loss=loss, perplexity=math.exp(min(loss, 50.0)),
+            name=name, adapter_path=None if name == BASE else str(model.adapter_info(name).path), loss=loss, perplexity=math.exp(min(loss, 50.0)),
             answer_tokens=n_tokens, metrics=metrics, outputs=outputs,
             example_losses=[None if total is None else total / count for total, count in losses],
             example_scores=[example_scores(o, r, options.metrics, options.tokenize) for o, r in zip(outputs, refs)],
             seconds=time.perf_counter() - start)
         say(f"{name}: " + _summary_line(variants[name]))
-    return EvalReport(base=str(base), data_path=str(data_path), options=options, examples=examples,
-                      variants=variants, truncated=truncated)
+    return variants, truncated
 
 
-def _force_template(model: "InferenceModel", template: str) -> None:
-    """Render every variant with `template` instead of the one recorded with its run.
+@contextmanager
+def _forced_template(model: "InferenceModel", template: str) -> Iterator[None]:
+    """Render every variant with `template` (unless it is `auto`) instead of the one recorded with its run,
+    and restore the recorded ones afterwards (the caller may pass in a model it keeps using).
 
-    InferenceModel keeps the template per adapter in its (frozen) AdapterInfo; there is no public setter, so the
-    infos are replaced here.
+    InferenceModel keeps the template per adapter in its (frozen) AdapterInfo and has no public setter, so the
+    infos are swapped here.
     """
+    if template == "auto":
+        yield
+        return
+    saved_base, saved = model.template, dict(model._adapters)  # noqa: SLF001 (see docstring)
     model.template = template
     for name in model.adapter_names[1:]:
-        info = model.adapter_info(name)
-        model._adapters[name] = dataclasses.replace(info, template=template)  # noqa: SLF001 (see docstring)
+        model._adapters[name] = dataclasses.replace(model.adapter_info(name), template=template)  # noqa: SLF001
+    try:
+        yield
+    finally:
+        model.template = saved_base
+        model._adapters.update(saved)  # noqa: SLF001
 
 
 def _variant_prompt_settings(model: "InferenceModel", name: str) -> tuple[str, str | None]:

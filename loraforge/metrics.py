@@ -16,6 +16,7 @@ reports every metric as a percentage (0..100) so that deltas between variants re
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from typing import Iterable, Sequence
@@ -135,6 +136,9 @@ def _jieba_cut(text: str) -> list[str]:
     except ImportError as exc:  # optional dependency
         raise ConfigError([Problem("tokenize", "the `jieba` tokenization needs the jieba package", value="jieba",
                                    allowed="auto, char, word", fix="pip install jieba (or loraforge[eval])")]) from exc
+    # jieba logs "Building prefix dict ... Loading model cost 1.2 seconds" at DEBUG to stderr on first use;
+    # that is noise in an eval report's terminal output. This only touches jieba's own logger.
+    jieba.setLogLevel(logging.WARNING)
     return [t for t in jieba.lcut(text) if t.strip()]
 
 

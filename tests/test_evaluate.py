@@ -397,3 +397,23 @@ def test_left_padded_batches_equal_one_by_one(family, tiny_setup, tmp_path_facto
     single = evaluate(base_dir, {}, data, EvalOptions(metrics=(), batch_size=1)).variants["base"]
     assert batched.example_losses == pytest.approx(single.example_losses, abs=1e-5)
     assert batched.answer_tokens == single.answer_tokens > 0
+
+
+def test_forced_template_applies_to_every_variant_and_is_restored(tiny_setup):
+    from loraforge.evaluate import evaluate
+    from loraforge.inference import InferenceModel
+
+    base_dir, adapters, data = tiny_setup
+    model = InferenceModel.load(base_dir, {"A": adapters["A"]})
+    auto = evaluate(base_dir, {}, data, EvalOptions(max_new_tokens=2, metrics=("contains",)), model=model)
+    forced = evaluate(base_dir, {}, data, EvalOptions(max_new_tokens=2, metrics=("contains",), template="plain"),
+                      model=model)
+    assert list(forced.variants) == ["base", "A"]  # the passed-in model's adapters are the variants
+    assert forced.variants["A"].adapter_path == str(adapters["A"].resolve())
+    for name in ("base", "A"):  # another rendering, another loss (SmolLM2's template adds a system prompt)
+        assert forced.variants[name].loss != pytest.approx(auto.variants[name].loss, rel=1e-3)
+    assert model.template == "auto" and model.adapter_info("A").template == "auto"
+    again = evaluate(base_dir, {}, data, EvalOptions(max_new_tokens=2, metrics=("contains",)), model=model)
+    assert again.variants["A"].loss == pytest.approx(auto.variants["A"].loss, rel=1e-6)
+    with pytest.raises(ConfigError, match="unknown template"):
+        evaluate(base_dir, {}, data, EvalOptions(template="llama9"), model=model)
