@@ -253,12 +253,19 @@ class EvalReport:
         """`loss`, `perplexity`, then the generation metrics."""
         return list(LOWER_IS_BETTER) + list(self.options.metrics)
 
+    def delta(self, name: str, against: str = BASE) -> dict[str, float]:
+        """`name` minus `against`, per metric — e.g. `report.delta("v2", against="v1")` for an A/B comparison.
+
+        Raises:
+            KeyError: a variant that was not evaluated.
+        """
+        a, b = self.variants[name], self.variants[against]
+        return {m: a.value(m) - b.value(m) for m in self.metric_names}
+
     @property
     def deltas(self) -> dict[str, dict[str, float]]:
         """For each adapter: adapter minus base, per metric (negative loss delta = better)."""
-        base = self.variants[BASE]
-        return {name: {m: v.value(m) - base.value(m) for m in self.metric_names}
-                for name, v in self.variants.items() if name != BASE}
+        return {name: self.delta(name) for name in self.variants if name != BASE}
 
     def best(self, metric: str) -> str:
         """The variant with the best value of `metric` (lowest loss / perplexity, highest otherwise)."""

@@ -122,6 +122,8 @@ def test_deltas_best_and_report_files(tmp_path):
     assert report.deltas["B"]["exact_match"] == pytest.approx(100.0)
     assert set(report.deltas) == {"A", "B"}
     assert report.best("loss") == "B" and report.best("exact_match") == "B"
+    assert report.delta("B", against="A") == pytest.approx(
+        {"loss": -1.0, "perplexity": 2.718281828 ** 0.5 - 2.718281828 ** 1.5, "exact_match": 50.0, "contains": 50.0})
 
     json_path, md_path = write_report(report, tmp_path / "out")
     assert (json_path.name, md_path.name) == ("eval_report.json", "eval_report.md")
