@@ -235,6 +235,7 @@ def test_text_encoder_v_prediction_min_snr_bf16(base, data_dir, tmp_path):
     out = tmp_path / "te"
     cfg = _cfg(base, data_dir, out, max_steps=3, save_steps=1, precision="bf16", lora_dropout=0.0,
                save_total_limit=1, gradient_checkpointing=True, use_rslora=True,
+               target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"],
                image={"train_text_encoder": True, "prediction_type": "v_prediction", "snr_gamma": 5.0,
                       "noise_offset": 0.1, "random_flip": True, "center_crop": False})
     train_image_lora(cfg, echo=lambda _m: None)
@@ -244,12 +245,16 @@ def test_text_encoder_v_prediction_min_snr_bf16(base, data_dir, tmp_path):
     assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
     # lora_up starts at zero: nonzero after two steps means gradients reached both (checkpointed) models
     for prefix in ("unet.", "text_encoder."):
-        assert max(float(v.abs().max()) for k, v in weights.items() if k.startswith(prefix) and ".up." in k) > 0
+        assert max(float(v.abs().max()) for k, v in weights.items() if k.startswith(prefix) and ".lora_B." in k) > 0
     kohya = load_file(str(out / "lora_kohya.safetensors"))
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in kohya)
 
     diffusers_pipe = load_generation_pipeline(base, [(out, 1.0)])
     kohya_pipe = load_generation_pipeline(base, [(out / "lora_kohya.safetensors", 1.0)])
+    # every saved module comes back as an adapter (attention and non-attention targets alike)
+    saved = {k.split(".", 1)[1].rsplit(".lora", 1)[0] for k in weights if k.startswith("unet.")}
+    loaded = {n for n, m in diffusers_pipe.unet.named_modules() if hasattr(m, "lora_A") and m.lora_A}
+    assert loaded == saved and any("proj_in" in n for n in loaded)
     torch.testing.assert_close(_unet_outputs(kohya_pipe), _unet_outputs(diffusers_pipe), atol=1e-5, rtol=1e-5)
 
 

@@ -94,13 +94,17 @@ def check_targets(model: Any, targets: list[str] | str, key: str) -> list[Proble
 
 
 def lora_state_dicts(pipe: Any, opts: ImageOptions) -> dict[str, dict]:
-    """Component name → its LoRA weights in the diffusers key format."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """Component name → its LoRA weights with PEFT key names (`<module>.lora_A.weight`), which diffusers loads.
+
+    Not `convert_state_dict_to_diffusers`: it renames only attention projections (`to_q.lora.down`) and leaves
+    other targets in PEFT form (`proj_in.lora_A`); diffusers' loader then takes the file for PEFT format and
+    silently drops every renamed module (measured: with `[to_q, proj_in]` no `to_q` adapter was loaded).
+    """
     from peft.utils import get_peft_model_state_dict
 
     def export(module: Any) -> dict:
         sd = get_peft_model_state_dict(module, adapter_name=ADAPTER)
-        return {k: v.detach().float().contiguous().cpu() for k, v in convert_state_dict_to_diffusers(sd).items()}
+        return {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
 
     return {name: export(module) for name, module in trainable_components(pipe, opts)}
 
