@@ -216,19 +216,28 @@ def _output_problems(cfg: RunConfig) -> list[Problem]:
 def _data_checks(cfg: RunConfig, report: PreflightReport, *, model_ok: bool) -> None:
     """Every file and line of the training (and validation) data; with a usable tokenizer, also tokenize with
     the training template to count overlong examples and report token-length percentiles."""
-    from loraforge.data.formats import load_conversations, resolve_train_files
+    from loraforge.data.formats import load_conversations, read_rows, resolve_train_files
+
+    def check_rows(paths: list[Path]) -> None:
+        # Chat/alpaca rows are checked line by line without a tokenizer; the other task types have their own row
+        # shapes (text/label, tokens/tags…), whose lines `build_datasets` checks below — here only the parse.
+        if cfg.task_type is TaskType.CAUSAL_LM:
+            _collect(problems, load_conversations, paths, cfg.system_prompt)
+        else:
+            for path in paths:
+                _collect(problems, read_rows, path)
 
     problems: list[Problem] = []
     files = _collect(problems, resolve_train_files, cfg)
     if files:
-        _collect(problems, load_conversations, files, cfg.system_prompt)
+        check_rows(files)
     if cfg.val_file is not None:
         if not Path(cfg.val_file).is_file():
             problems.append(Problem("val_file", "validation data file not found", value=str(cfg.val_file),
                                     allowed="an existing .jsonl / .json / .csv file",
                                     fix="fix the path, or use `val_size: 0.1` to hold out training rows"))
         else:
-            _collect(problems, load_conversations, [Path(cfg.val_file)], cfg.system_prompt)
+            check_rows([Path(cfg.val_file)])
     if problems:
         raise PreflightError(problems)
     if not model_ok or report.model_dir is None:

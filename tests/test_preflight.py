@@ -181,3 +181,13 @@ def test_train_cli_refuses_before_any_step(tiny_llama, data_file, tmp_path, monk
     assert info.value.code == 2, buf.getvalue()
     assert "nothing was frozen" in buf.getvalue() and "Traceback" not in buf.getvalue()
     assert not list(out_dir.glob("checkpoint-*")) and not (out_dir / "adapter_model.safetensors").exists()
+
+
+def test_classification_rows_are_not_checked_as_chat(weightless_llama, tmp_path):
+    """SEQ_CLS data is {text, label}: preflight must not demand instruction/output, and still summarizes it."""
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review {i}", "label": "pos" if i % 2 else "neg"}) + "\n"
+                            for i in range(6)))
+    lines: list[str] = []
+    run_preflight(cfg_of(weightless_llama, data, task_type="SEQ_CLS"), echo=lines.append)
+    assert "task SEQ_CLS" in lines[0] and "batching padded" in lines[0]
