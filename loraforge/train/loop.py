@@ -147,7 +147,9 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
                 last_loss = step_loss
                 logger.progress(1, loss=step_loss, lr=lr, tok_s=window["tokens"] / max(time.time() - window["t"], 1e-9))
                 if state.global_step % cfg.logging_steps == 0 or state.global_step == plan.total_steps:
-                    record = {"step": state.global_step, "epoch": round(state.epoch + state.group / len(groups), 4),
+                    # epochs in units of a full pass, also inside a fractional last epoch
+                    epoch = round(state.epoch + state.group / plan.groups_per_epoch, 4)
+                    record = {"step": state.global_step, "epoch": epoch,
                               "loss": window["loss"] / max(window["tokens"], 1), "lr": lr,
                               "grad_norm": float(grad_norm) if grad_norm is not None else None,
                               "tokens": state.tokens_seen,

@@ -223,8 +223,16 @@ class StepPlan:
     groups_per_epoch: int = 0
     eval_steps: int | None = None
 
-    @lru_cache(maxsize=4)
     def groups(self, epoch: int) -> list[list]:
+        """The optimizer steps of `epoch`: all of them, except in the last epoch of a fractional `epochs`."""
+        groups = self.full_epoch(epoch)
+        frac = self.cfg.epochs - math.floor(self.cfg.epochs)
+        if self.cfg.max_steps is None and frac and epoch == self.epochs - 1:
+            groups = groups[:max(1, round(len(groups) * frac))]
+        return groups
+
+    @lru_cache(maxsize=4)
+    def full_epoch(self, epoch: int) -> list[list]:
         from loraforge.data.batching import make_batches
 
         cfg = self.cfg
@@ -239,9 +247,6 @@ class StepPlan:
         groups = [batches[i:i + size] for i in range(0, len(batches), size)]
         if self.world_size > 1 and groups and len(groups[-1]) < size:
             groups = groups[:-1]  # every process must take part in every step
-        frac = cfg.epochs - math.floor(cfg.epochs)
-        if cfg.max_steps is None and frac and epoch == self.epochs - 1:
-            groups = groups[:max(1, round(len(groups) * frac))]
         return groups
 
     def __hash__(self) -> int:
@@ -251,7 +256,7 @@ class StepPlan:
 def step_plan(cfg: RunConfig, setup: Setup, world_size: int) -> StepPlan:
     plan = StepPlan(cfg, tuple(len(e.input_ids) for e in setup.data.train), setup.batching, world_size)
     plan.epochs = math.ceil(cfg.epochs)
-    plan.groups_per_epoch = len(plan.groups(0))
+    plan.groups_per_epoch = len(plan.full_epoch(0))
     if plan.groups_per_epoch == 0:
         raise ConfigError([Problem("batch_size", "not enough training examples for one optimizer step",
                                    value=cfg.batch_size, fix="add data or lower batch_size / gradient_accumulation_steps")])
