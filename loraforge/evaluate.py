@@ -310,8 +310,8 @@ def evaluate(base: str | Path, adapters: dict[str, str | Path] | None, data_path
         data_path: test file in a training format, optionally with `reference` lists.
         options: see `EvalOptions`.
         progress: called with one line per finished step (the CLI prints them).
-        model: an already loaded `InferenceModel` holding these adapters (then `base`/`adapters` only label the
-            report); saves a reload when the caller has one.
+        model: an already loaded `InferenceModel` (a server's, say): its adapters are the variants, `adapters`
+            is only checked, and `base` only labels the report. Saves a reload.
 
     Raises:
         ConfigError: invalid options. DataError: bad test rows. ModelError: bad base or adapter.
