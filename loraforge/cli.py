@@ -159,12 +159,17 @@ def eval_cmd(data: Path = typer.Option(..., help="Test data (.jsonl/.json; instr
              adapter: Optional[List[str]] = typer.Option(None, help="NAME=DIR of an adapter (repeatable)."),
              out: Path = typer.Option(Path("eval_report"), help="Report folder (JSON + Markdown)."),
              max_new_tokens: int = typer.Option(128), tokenize: str = typer.Option("auto", help="auto|char|word|jieba"),
+             metrics: str = typer.Option("exact_match,contains,bleu,rouge_l", help="Comma-separated metric names."),
+             temperature: float = typer.Option(0.0), batch_size: int = typer.Option(8),
+             system_prompt: Optional[str] = typer.Option(None), cutoff_len: int = typer.Option(1024),
              limit: Optional[int] = typer.Option(None, help="Only the first N examples.")):
     """Loss, perplexity and generation metrics for the base and each adapter, side by side."""
     from loraforge.evaluate import EvalOptions, evaluate, format_summary, write_report
 
-    report = evaluate(base, _adapters(adapter), data,
-                      EvalOptions(max_new_tokens=max_new_tokens, tokenize=tokenize, limit=limit))
+    options = EvalOptions(max_new_tokens=max_new_tokens, tokenize=tokenize, limit=limit, temperature=temperature,
+                          batch_size=batch_size, system_prompt=system_prompt, cutoff_len=cutoff_len,
+                          metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()))
+    report = evaluate(base, _adapters(adapter), data, options, progress=typer.echo)
     json_path, md_path = write_report(report, out)
     typer.echo(format_summary(report))
     typer.echo(f"\nreport: {md_path} and {json_path}")
