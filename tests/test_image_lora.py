@@ -390,3 +390,19 @@ def test_preflight_reports_every_problem_without_loading_weights(base, data_dir,
     assert "image.resolution" in keys and "target_modules[1]" in keys
     with pytest.raises(ConfigError, match="validation_prompts is empty"):
         train_image_lora(cfg, echo=lambda _m: None)
+
+
+def test_training_lowers_the_loss_on_its_data(base, data_dir, tmp_path):
+    """Real learning, not just a finite loss: at the same fixed noise and timesteps, base + LoRA fits the
+    training images better than the base (measured 1.113 → 1.008 with these settings)."""
+    from loraforge.image.data import collect_examples
+    from loraforge.image.generate import load_generation_pipeline
+    from loraforge.image.train import fixed_noise_loss, train_image_lora
+
+    cfg = _cfg(base, data_dir, tmp_path / "learn", max_steps=12, batch_size=3, gradient_accumulation_steps=1,
+               learning_rate=1e-2, save_steps=None)
+    out = train_image_lora(cfg, echo=lambda _m: None)
+    examples = collect_examples(data_dir)
+    before = fixed_noise_loss(load_generation_pipeline(base), cfg.image, examples)
+    after = fixed_noise_loss(load_generation_pipeline(base, [(out, 1.0)]), cfg.image, examples)
+    assert after < before - 0.03, (before, after)

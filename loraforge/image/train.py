@@ -251,6 +251,16 @@ def _micro_batch_loss(pipe: Any, noise_scheduler: Any, opts: ImageOptions, batch
     return per_sample.mean()
 
 
+def fixed_noise_loss(pipe: Any, opts: ImageOptions, examples: list[ImageExample], seeds: range = range(16)) -> float:
+    """Mean diffusion loss of `examples` over fixed noise/timestep draws (one batch per seed): the same draws for
+    every pipeline, so a base and base+LoRA are compared on equal terms — lower means the LoRA fits the data."""
+    device = next(pipe.unet.parameters()).device
+    noise_scheduler = _training_scheduler(pipe, opts)
+    with torch.no_grad():
+        return float(np.mean([_micro_batch_loss(pipe, noise_scheduler, opts, examples, seed, device).item()
+                              for seed in seeds]))
+
+
 def _sdxl_conditioning(pipe: Any, captions: list[str], geometry: list[tuple[tuple[int, int], tuple[int, int]]],
                        resolution: int, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SDXL's text and micro-conditioning, built by the pipeline's own `encode_prompt` (so training sees exactly
