@@ -112,3 +112,20 @@ def test_block_lists_found_generically(family, stacks):
     names = _trainable(freeze.apply(model, _cfg(freeze_trainable_layers=1)))
     for stack in stacks:
         assert _blocks(names, stack) == {3}
+
+
+def test_preflight_check_from_config_alone():
+    from loraforge.models.tiny import tiny_config
+
+    hf_config = tiny_config("llama", 64, num_hidden_layers=4)
+    assert freeze.check(_cfg(freeze_trainable_layers=2), hf_config) == []
+    problems = freeze.check(_cfg(freeze_layer_indices=[4], freeze_trainable_modules=["mlp("]), hf_config)
+    assert [p.key for p in problems] == ["freeze_trainable_modules[0]", "freeze_layer_indices"]
+    assert freeze.check(_cfg(freeze_trainable_layers=3), tiny_config("t5", 64, num_layers=4, num_decoder_layers=2))
+
+
+def test_verify_catches_embeddings_that_train_without_being_asked():
+    model = freeze.apply(_model(tie_word_embeddings=False), cfg := _cfg())
+    model.get_input_embeddings().weight.requires_grad_(True)
+    problems = verify_trainable(trainable_report(model), cfg)
+    assert [p.key for p in problems] == ["freeze_train_embeddings"]

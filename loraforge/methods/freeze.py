@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ConfigError, ModelError, Problem
 
@@ -89,6 +89,31 @@ def chosen_indices(cfg: RunConfig, depth: int) -> list[int] | None:
                                    allowed=f"{-depth} … {depth} (negative: the first N blocks)",
                                    fix=f"use at most {depth}, or `method: full` to train everything")])
     return list(range(depth - n, depth)) if n >= 0 else list(range(-n))
+
+
+def config_depth(hf_config: Any) -> int | None:
+    """Blocks per stack from config.json alone (the shorter stack of an encoder-decoder), or None if unknown."""
+    get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
+    counts = [get(k) for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers",
+                               "encoder_layers", "decoder_layers")]
+    counts = [c for c in counts if isinstance(c, int) and c > 0]
+    return min(counts) if counts else None
+
+
+def check(cfg: RunConfig, hf_config: Any) -> list[Problem]:
+    """Preflight problems from config.json alone: block indices / counts outside the model, bad regexes."""
+    problems: list[Problem] = []
+    try:
+        _compile(cfg.freeze_trainable_modules or [])
+    except ConfigError as err:
+        problems += err.problems
+    depth = config_depth(hf_config)
+    if depth is not None:
+        try:
+            chosen_indices(cfg, depth)
+        except ConfigError as err:
+            problems += err.problems
+    return problems
 
 
 def _compile(patterns: list[str]) -> list[re.Pattern]:

@@ -118,16 +118,32 @@ def verify_trainable(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
         if stray:
             problems.append(Problem("method", f"base weights are trainable in a {cfg.method} run: {', '.join(stray)}",
                                     value=cfg.method))
-    elif cfg.method == "freeze" and report.trainable == report.total:
-        problems.append(Problem("freeze_trainable_layers", "every parameter is trainable: nothing was frozen",
-                                value=cfg.freeze_trainable_layers, fix="check the freeze settings"))
-    elif cfg.method == "freeze" and cfg.freeze_layer_indices:
-        for i in cfg.freeze_layer_indices:
-            if i >= 0 and not any(f".{i}." in n for n in report.trainable_names):
-                problems.append(Problem("freeze_layer_indices", f"block {i} was asked for but none of its "
-                                        "parameters is trainable", value=i, fix="check the block indices with "
-                                        "`loraforge inspect MODEL`"))
+    elif cfg.method == "freeze":
+        problems += _verify_freeze(report, cfg, kinds)
     elif cfg.method == "full" and report.trainable != report.total:
         problems.append(Problem("method", f"full fine-tuning but only {report.percent:.1f}% of parameters are trainable",
                                 value=cfg.method))
+    return problems
+
+
+def _verify_freeze(report: TrainableReport, cfg: RunConfig, kinds: dict[str, int]) -> list[Problem]:
+    """Freeze runs: something is frozen, every requested block trains, and embeddings / LM head train only when
+    asked for (a tied LM head is the embeddings' tensor, so asking for either allows both)."""
+    problems: list[Problem] = []
+    if report.trainable == report.total:
+        problems.append(Problem("freeze_trainable_layers", "every parameter is trainable: nothing was frozen",
+                                value=cfg.freeze_trainable_layers, fix="check the freeze settings"))
+    for i in cfg.freeze_layer_indices or []:
+        if i >= 0 and not any(f".{i}." in n for n in report.trainable_names):
+            problems.append(Problem("freeze_layer_indices", f"block {i} was asked for but none of its "
+                                    "parameters is trainable", value=i, fix="check the block indices with "
+                                    "`loraforge inspect MODEL`"))
+    if not cfg.freeze_trainable_modules:  # regexes may legitimately select embeddings or the head
+        asked = cfg.freeze_train_embeddings or cfg.freeze_train_lm_head
+        if "embeddings" in kinds and not asked:
+            problems.append(Problem("freeze_train_embeddings", "the input embeddings are trainable but were not "
+                                    "asked for", value=False, fix="this is a bug in the method setup; please report it"))
+        if "lm_head" in kinds and not asked:
+            problems.append(Problem("freeze_train_lm_head", "the LM head is trainable but was not asked for",
+                                    value=False, fix="this is a bug in the method setup; please report it"))
     return problems
