@@ -239,9 +239,7 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 — only to turn click usage errors into exit 2 like other user errors
-        import click
-
+    except Exception as e:  # noqa: BLE001 — usage errors and interrupts get their own exit codes below
         from loraforge.train.loop import TrainingInterrupted
 
         if isinstance(e, TrainingInterrupted):
@@ -249,10 +247,11 @@ def main() -> None:
             typer.echo(f"\ninterrupted: checkpoint written to {where}\n"
                        f"resume with: loraforge train CONFIG --set resume_from_checkpoint=latest", err=True)
             sys.exit(128 + int(e.signum))
-        if isinstance(e, click.exceptions.ClickException):
+        # typer ships its own copy of click's exceptions: recognise them by shape, not by class
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # a usage error (missing argument, bad option)
             e.show()
             sys.exit(EXIT_USER_ERROR)
-        if isinstance(e, click.exceptions.Exit):
+        if type(e).__name__ == "Exit" and hasattr(e, "exit_code"):  # --help and friends
             sys.exit(e.exit_code)
         raise
 

@@ -68,8 +68,6 @@ def test_task_type_mistake_through_train_exits_2_before_training(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the run dir was even created
 
 
-@pytest.mark.xfail(reason="cli.main catches click.exceptions.ClickException, but typer 0.29 raises its vendored "
-                          "typer._click exceptions: a usage error shows a traceback and exits 1 (fix is in cli.py)")
 @pytest.mark.parametrize("args", [["validate"], ["validate", "a.yaml", "--sett", "x=1"]])
 def test_usage_errors_exit_2(args):
     res = cli(*args)
