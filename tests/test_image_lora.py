@@ -394,15 +394,15 @@ def test_preflight_reports_every_problem_without_loading_weights(base, data_dir,
 
 def test_training_lowers_the_loss_on_its_data(base, data_dir, tmp_path):
     """Real learning, not just a finite loss: at the same fixed noise and timesteps, base + LoRA fits the
-    training images better than the base (measured 1.113 → 1.008 with these settings)."""
+    training images better than the base (measured 1.107 → 1.016 with these settings)."""
     from loraforge.image.data import collect_examples
     from loraforge.image.generate import load_generation_pipeline
     from loraforge.image.train import fixed_noise_loss, train_image_lora
 
-    cfg = _cfg(base, data_dir, tmp_path / "learn", max_steps=12, batch_size=3, gradient_accumulation_steps=1,
+    cfg = _cfg(base, data_dir, tmp_path / "learn", max_steps=10, batch_size=3, gradient_accumulation_steps=1,
                learning_rate=1e-2, save_steps=None)
     out = train_image_lora(cfg, echo=lambda _m: None)
     examples = collect_examples(data_dir)
-    before = fixed_noise_loss(load_generation_pipeline(base), cfg.image, examples)
-    after = fixed_noise_loss(load_generation_pipeline(base, [(out, 1.0)]), cfg.image, examples)
+    before = fixed_noise_loss(load_generation_pipeline(base), cfg.image, examples, range(8))
+    after = fixed_noise_loss(load_generation_pipeline(base, [(out, 1.0)]), cfg.image, examples, range(8))
     assert after < before - 0.03, (before, after)
