@@ -127,12 +127,15 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
                 loss_sum = accelerator.reduce(loss_sum, "sum") if accelerator.num_processes > 1 else loss_sum
                 step_loss = loss_sum.item() / max(step_tokens, 1)
                 if not math.isfinite(step_loss):
-                    last = latest_checkpoint(run_dir)
-                    raise TrainingDiverged([Problem(f"step {state.global_step + 1}", f"loss is {step_loss}",
-                                                    fix=f"lower learning_rate (now {cfg.learning_rate}) or check the data; "
-                                                        f"last good checkpoint: {last or 'none'}")])
+                    logger.close()
+                    raise _diverged(cfg, state, run_dir, f"loss is {step_loss}")
                 # max_grad_norm null: no clipping, but the norm is still measured and logged
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                # A finite loss can still give inf/nan gradients (weights already huge); stepping on them would put
+                # NaN weights into the next checkpoint. fp16's loss scaler skips such steps itself.
+                if precision != "fp16" and not math.isfinite(float(grad_norm)):
+                    logger.close()
+                    raise _diverged(cfg, state, run_dir, f"gradient norm is {float(grad_norm)} (loss {step_loss:.4g})")
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (read before the scheduler advances)
                 optimizer.step()
                 scheduler.step()
@@ -183,6 +186,14 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
         say(f"done: {state.global_step} steps, final loss {last_loss:.4f}" if last_loss is not None else "done")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.global_step, last_loss, state.best_val_loss, stopped_early)
+
+
+def _diverged(cfg: RunConfig, state: TrainState, run_dir: Path, what: str) -> TrainingDiverged:
+    """The error for a non-finite step; the optimizer has not stepped, so every checkpoint is still good."""
+    last = latest_checkpoint(run_dir)
+    return TrainingDiverged([Problem(f"step {state.global_step + 1}", what,
+                                     fix=f"lower learning_rate (now {cfg.learning_rate}) or check the data; "
+                                         f"last good checkpoint: {last or 'none'}")])
 
 
 def _due(step: int, every: int | None, total: int) -> bool:
