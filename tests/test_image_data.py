@@ -29,6 +29,7 @@ def test_caption_folders_and_kohya_repeats(tmp_path):
     (tmp_path / "10_cat" / "c1.txt").write_text("a red cat")
     _image(tmp_path / "plain" / "p.png")
     (tmp_path / "plain" / "p.txt").write_text("plain")
+    _image(tmp_path / ".ipynb_checkpoints" / "top-checkpoint.png")  # hidden folders are not data
 
     examples = collect_examples(tmp_path)
     by_name = {e.path.name: e for e in examples}

@@ -79,7 +79,8 @@ def _from_caption_folders(root: Path, caption_extension: str) -> tuple[list[Imag
         return [], [Problem("train_data_dir", "folder not found", value=str(root), fix="check the path")]
     examples: list[ImageExample] = []
     problems: list[Problem] = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not _hidden(p.relative_to(root))):
         repeats = _repeats_for(path, root)
         caption_file = path.with_suffix(caption_extension)
         if not caption_file.is_file():
@@ -93,6 +94,11 @@ def _from_caption_folders(root: Path, caption_extension: str) -> tuple[list[Imag
             continue
         examples.append(ImageExample(path, caption, repeats))
     return examples, problems
+
+
+def _hidden(relative: Path) -> bool:
+    """`.ipynb_checkpoints/`, `.cache/`, `._photo.png` (macOS): never training data."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _repeats_for(path: Path, root: Path) -> int:
