@@ -126,7 +126,8 @@ def _metadata(module: Any) -> dict:
     meta = module.peft_config[ADAPTER].to_dict()
     # diffusers rebuilds the adapter from this header, and PEFT creates its dropout modules in training mode
     # even inside an eval-mode UNet: a plain `pipe.load_lora_weights(dir)` would then apply dropout at every
-    # denoising step (measured: random images for a fixed seed). Dropout is a training-only setting, so the
+    # denoising step (measured: after load_lora_weights the p=0.05 dropout modules are in train mode and the
+    # same forward gives different outputs call to call). Dropout is a training-only setting, so the
     # header records 0; the run's config.yaml keeps the value trained with.
     meta["lora_dropout"] = 0.0
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
