@@ -71,7 +71,8 @@ def test_model_list_and_adapter_switching(client):
         reply = raw.parse()
         assert _owner(reply.choices[0].message.content) == name
         assert raw.headers["x-loraforge-adapter"] == name and reply.model_extra["loraforge_adapter"] == name
-        assert reply.model == name and reply.usage.completion_tokens > 0 and reply.choices[0].finish_reason == "stop"
+        assert reply.model == name and reply.usage.completion_tokens > 0
+        assert reply.choices[0].finish_reason == ("length" if name == "base" else "stop")
 
 
 def test_streaming_chat_and_usage(client):
@@ -140,7 +141,7 @@ def test_api_key_is_required(server):
     ({"model": "base", "messages": Q, "n": 3}, 400, "n"),
     ({"model": "base", "messages": Q, "max_tokens": 10 ** 6}, 400, "max_tokens"),
     ({"model": "base", "messages": Q, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": "cardiologgy", "messages": Q}, 404, "did you mean `cardiology`"),
+    ({"model": "cardiologgy", "messages": Q}, 404, "you mean `cardiology`"),
     (["a list"], 400, "Invalid request"),
 ])
 def test_malformed_requests_get_openai_style_4xx(server, body, status, needle):

@@ -16,6 +16,14 @@ import threading
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Iterator
 
+# FastAPI resolves endpoint annotations by name from this module's globals, so these imports live at the top;
+# this module is only imported by `loraforge serve` (and tests), never by the rest of the package.
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from loraforge.errors import LoraforgeError, suggestion
 from loraforge.inference import BASE, GenerationSettings, InferenceModel
 from loraforge.serve import protocol as P
@@ -89,12 +97,6 @@ def create_app(config: ServerConfig, model: InferenceModel | None = None) -> Any
     Raises:
         ModelError / ConfigError: a bad base model or adapter in the config.
     """
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     if model is None:
         model = InferenceModel.load(config.base_model, config.adapters, dtype=config.dtype,
                                     trust_remote_code=config.trust_remote_code,

@@ -67,20 +67,39 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _routes(self) -> "ServerConfig":
-        known = {"base", *self.adapters}
-        for route, targets in self.routes.items():
-            if route in known:
-                raise ValueError(f"route `{route}` has the same name as an adapter (or `base`)")
-            if not _NAME_RE.match(route):
-                raise ValueError(f"invalid route name {route!r}")
-            if not targets:
-                raise ValueError(f"route `{route}` has no targets")
-            for t in targets:
-                if t.adapter not in known:
-                    hint = suggestion(t.adapter, known)
-                    raise ValueError(f"route `{route}` names unknown adapter `{t.adapter}`"
-                                     + (f" ({hint})" if hint else f"; known: {', '.join(sorted(known))}"))
+        problems = route_problems({k: [t.adapter for t in v] for k, v in self.routes.items()}, list(self.adapters))
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+
+def route_problems(routes: dict[str, list[str]], adapters: list[str]) -> list[str]:
+    """What is wrong with A/B routes (route name -> adapter names), given the configured adapters."""
+    known = {"base", *adapters}
+    problems = []
+    for route, targets in routes.items():
+        if route in known:
+            problems.append(f"route `{route}` has the same name as an adapter (or `base`)")
+        elif not _NAME_RE.match(route):
+            problems.append(f"invalid route name {route!r}")
+        if not targets:
+            problems.append(f"route `{route}` has no targets")
+        for name in targets:
+            if name not in known:
+                hint = suggestion(name, known)
+                problems.append(f"route `{route}` names unknown adapter `{name}`"
+                                + (f" ({hint})" if hint else f"; known: {', '.join(sorted(known))}"))
+    return problems
+
+
+def _raw_route_problems(data: dict[str, Any]) -> list[str]:
+    """Route checks on unvalidated input, so they are reported together with other key errors."""
+    routes, adapters = data.get("routes"), data.get("adapters") or {}
+    if not isinstance(routes, dict) or not isinstance(adapters, dict):
+        return []
+    simple = {str(k): [t.get("adapter") for t in v if isinstance(t, dict) and isinstance(t.get("adapter"), str)]
+              for k, v in routes.items() if isinstance(v, list)}
+    return route_problems(simple, [str(a) for a in adapters])
 
 
 def server_config_from_dict(data: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> ServerConfig:
@@ -104,8 +123,11 @@ def server_config_from_dict(data: dict[str, Any], *, source: str = "<dict>", bas
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "config"
             fix = suggestion(key, ServerConfig.model_fields) if e["type"] == "extra_forbidden" else None
+            if e["loc"] == ():  # the model-level route check: re-reported one by one below
+                continue
             problems.append(Problem(f"{source}: {key}", e["msg"].removeprefix("Value error, "),
                                     value=e.get("input") if e["type"] != "missing" else None, fix=fix))
+        problems += [Problem(f"{source}: routes", msg) for msg in _raw_route_problems(data)]
         raise ConfigError(problems, title="invalid server config") from None
 
 
