@@ -49,6 +49,12 @@ def build_accelerator(precision: str):
     if mixed == "fp16" and not torch.cuda.is_available():
         raise ConfigError([Problem("precision", "fp16 mixed precision needs a CUDA GPU", value="fp16",
                                    allowed="auto, fp32, bf16", fix="use `precision: bf16` (or auto) on CPU")])
+    # AcceleratorState is a process-wide singleton that refuses a second, different mixed_precision: forget the
+    # previous run's settings so train() can be called again in one process (sweeps, notebooks, tests). The
+    # PartialState (device, process group of `accelerate launch`) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     # Accumulation is done by the loop itself (token-normalized), so accelerate's own is left at 1.
     return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
 
