@@ -49,8 +49,10 @@ def _adapters(specs: Optional[List[str]]) -> dict[str, str]:
 def train(config: Path = typer.Argument(..., help="Run config YAML."), set_: Optional[List[str]] = SetOpt):
     """Validate the config, data and model, then fine-tune."""
     from loraforge.config import TaskType, load_config
+    from loraforge.preflight import run_preflight
 
     cfg = load_config(config, _overrides(set_))
+    run_preflight(cfg, echo=typer.echo)
     if cfg.task_type is TaskType.TEXT_TO_IMAGE:
         from loraforge.image.train import train_image_lora
 
@@ -58,10 +60,8 @@ def train(config: Path = typer.Argument(..., help="Run config YAML."), set_: Opt
         typer.echo(f"\nLoRA weights: {out}\nTry it: loraforge generate-image --base {cfg.base_model} --lora {out} "
                    f"--prompt \"...\" --out image.png")
         return
-    from loraforge.preflight import run_preflight
     from loraforge.train.loop import train as run_training
 
-    run_preflight(cfg, echo=typer.echo)
     result = run_training(cfg, echo=typer.echo)
     typer.echo(f"\nAdapter saved in {result.run_dir}" if _is_adapter(cfg) else f"\nModel saved in {result.run_dir}")
     chat = f"loraforge chat --base {cfg.base_model} --adapter {result.run_dir}" if _is_adapter(cfg) \
@@ -196,26 +196,27 @@ def generate_image_cmd(prompt: str = typer.Option(...), base: str = typer.Option
                        lora: Optional[List[str]] = typer.Option(None, help="PATH[:WEIGHT] of a LoRA (repeatable)."),
                        init_image: Optional[Path] = typer.Option(None, help="Image-to-image source."),
                        strength: float = typer.Option(0.75), steps: int = typer.Option(25), seed: int = typer.Option(0),
-                       guidance_scale: float = typer.Option(7.5), out: Path = typer.Option(Path("image.png"))):
+                       guidance_scale: float = typer.Option(7.5), negative_prompt: Optional[str] = typer.Option(None),
+                       height: Optional[int] = typer.Option(None), width: Optional[int] = typer.Option(None),
+                       base_config: Optional[Path] = typer.Option(None, help="Pipeline config dir for a single-file base."),
+                       out: Path = typer.Option(Path("image.png"))):
     """Text-to-image or image-to-image with one or more LoRAs."""
-    from loraforge.image.generate import generate_image
+    from loraforge.image.generate import generate_image, parse_lora_arg
 
-    loras = []
-    for spec in lora or []:
-        path, _, weight = spec.rpartition(":") if spec.rsplit(":", 1)[-1].replace(".", "", 1).isdigit() else (spec, "", "1")
-        loras.append((path, float(weight)))
-    generate_image(base, prompt, loras=loras, init_image=init_image, strength=strength, num_inference_steps=steps,
-                   guidance_scale=guidance_scale, seed=seed, out_path=out)
+    generate_image(base, prompt, loras=[parse_lora_arg(spec) for spec in lora or []], init_image=init_image,
+                   strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+                   height=height, width=width, negative_prompt=negative_prompt, base_config=base_config, out_path=out)
     typer.echo(f"wrote {out}")
 
 
 @app.command("export-kohya")
 def export_kohya_cmd(lora_dir: Path = typer.Argument(..., help="A loraforge image LoRA run dir."),
-                     out: Path = typer.Option(..., "--out", help="Output .safetensors in kohya/A1111 format.")):
+                     out: Path = typer.Option(..., "--out", help="Output .safetensors in kohya/A1111 format."),
+                     alpha: Optional[float] = typer.Option(None, help="Override alpha (default: the run's true alpha).")):
     """Convert an image LoRA to the kohya / AUTOMATIC1111 key format (with its true alpha)."""
     from loraforge.image.kohya import export_kohya
 
-    typer.echo(f"wrote {export_kohya(lora_dir, out)}")
+    typer.echo(f"wrote {export_kohya(lora_dir, out, alpha=alpha)}")
 
 
 @app.command("config-help")

@@ -173,6 +173,9 @@ def _value_problem(e: dict, key: str, value: Any, field) -> Problem:
                        fix=f"set e.g. `{leaf}: {example}`" if example is not None else f"use a value {allowed}")
     if kind == "missing":
         return Problem(key, "is required", allowed=_describe_type(field), fix=f"add `{leaf}:`")
+    if kind == "value_error":  # a field validator's own message says what is wrong better than a type name
+        return Problem(key, str(ctx.get("error") or e["msg"]).removeprefix("Value error, "), value=value,
+                       allowed=_describe_type(field))
     described = _describe_type(field)
     return Problem(key, f"must be {described}" if described else e["msg"], value=value, allowed=described,
                    fix=f"write e.g. `{leaf}: {example}`" if example is not None else None)
@@ -263,7 +266,8 @@ def _cross_field(d: Mapping[str, Any]) -> list[Problem]:
         task = None
     if method in METHOD_DEFAULT_LR:
         for key, methods in KEY_METHODS.items():
-            if key in d and method not in methods:
+            # a default value is harmless (a saved, resolved config lists every key); a real setting is not
+            if key in d and method not in methods and d[key] != RunConfig.model_fields[key].default:
                 problems.append(Problem(key, f"only applies to method {' / '.join(methods)}, but method is `{method}`",
                                         value=d[key], allowed=f"method: {' | '.join(methods)}",
                                         fix=f"remove `{key}` or set `method: {methods[0]}`"))
