@@ -365,12 +365,20 @@ def test_broken_combinations_are_refused_before_training(method, task, root, tmp
 
 
 def test_seq2seq_on_a_decoder_only_model_is_refused(tmp_path, root):
+    """Preflight's task-type check reports it for every method (so `check` does not repeat it); `apply` refuses
+    it too, before prefix tuning would crash at the first forward (FINDINGS trap 6)."""
     from loraforge.methods import prefix
+    from loraforge.methods.prompt import prompt_learning_problems
     from loraforge.models.discovery import load_hf_config
+    from loraforge.models.registry import check_task_type
+
     data_file = tmp_path / "train.jsonl"
     data_file.write_text(json.dumps(ROWS[S2S][0]) + "\n")
     cfg = _config("prefix", S2S, data_file)
-    problems = prefix.check(cfg, load_hf_config(_tiny_dir("llama", root, C)))
+    hf_config = load_hf_config(_tiny_dir("llama", root, C))
+    assert [p.key for p in check_task_type(hf_config, S2S)] == ["task_type"]
+    assert prefix.check(cfg, hf_config) == []
+    problems = prompt_learning_problems(cfg, hf_config)
     assert [p.key for p in problems] == ["task_type"] and "decoder-only" in problems[0].message
 
 

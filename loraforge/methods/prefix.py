@@ -51,7 +51,7 @@ def check(cfg: RunConfig, hf_config: Any) -> list[Problem]:
     """Preflight problems for prefix tuning (see `prompt.prompt_learning_problems`)."""
     if uses_native_prefix(hf_config):
         return []  # the model's own code decides; PEFT's limits do not apply
-    return prompt_learning_problems(cfg, hf_config)
+    return prompt_learning_problems(cfg, hf_config, task_fit=False)
 
 
 def prefix_config(cfg: RunConfig, model: nn.Module):

@@ -42,7 +42,7 @@ def model_kind_of(hf_config: Any) -> str:
         return "encoder-decoder" if getattr(hf_config, "is_encoder_decoder", False) else "decoder-only"
 
 
-def prompt_learning_problems(cfg: RunConfig, hf_config: Any) -> list[Problem]:
+def prompt_learning_problems(cfg: RunConfig, hf_config: Any, *, task_fit: bool = True) -> list[Problem]:
     """Combinations measured broken with transformers 5.23 / peft 0.21 (tiny LLaMA, GPT-2, T5 and BART models).
 
     - encoder-decoder model with any task type but SEQ_2_SEQ_LM: PEFT passes `inputs_embeds` / past key values
@@ -53,7 +53,8 @@ def prompt_learning_problems(cfg: RunConfig, hf_config: Any) -> list[Problem]:
     - prompt / ptuning with SEQ_CLS on a decoder-only model: PEFT calls the model with `inputs_embeds`, so the
       classifier cannot find the last real token and pools whatever sits at the last position (a pad token in
       a right-padded batch) — transformers only warns.
-    - SEQ_2_SEQ_LM on a decoder-only model (FINDINGS traps 4 and 6).
+    - SEQ_2_SEQ_LM on a decoder-only model (FINDINGS traps 4 and 6) — only with `task_fit`: preflight's own
+      task-type check (`models.registry.check_task_type`) already reports it for every method.
     """
     from loraforge.config import TaskType
 
@@ -66,7 +67,7 @@ def prompt_learning_problems(cfg: RunConfig, hf_config: Any) -> list[Problem]:
             "task_type", f"{method} on an encoder-decoder model ({model_type}) only works for SEQ_2_SEQ_LM with "
             "the installed peft/transformers", value=task.value, allowed="SEQ_2_SEQ_LM",
             fix="use `method: lora` for this task, or `task_type: SEQ_2_SEQ_LM`"))
-    if task is TaskType.SEQ_2_SEQ_LM and kind == "decoder-only":
+    if task_fit and task is TaskType.SEQ_2_SEQ_LM and kind == "decoder-only":
         problems.append(Problem(
             "task_type", f"SEQ_2_SEQ_LM needs an encoder-decoder model (T5, BART); {model_type} is decoder-only"
             + (" — prefix tuning crashes at the first forward" if method == "prefix" else ""),
@@ -86,7 +87,7 @@ def prompt_learning_problems(cfg: RunConfig, hf_config: Any) -> list[Problem]:
 
 def check(cfg: RunConfig, hf_config: Any) -> list[Problem]:
     """Preflight problems for prompt tuning."""
-    problems = prompt_learning_problems(cfg, hf_config)
+    problems = prompt_learning_problems(cfg, hf_config, task_fit=False)
     if cfg.prompt_tuning_init == "text" and not cfg.prompt_tuning_init_text:
         problems.append(Problem("prompt_tuning_init_text", "prompt_tuning_init is `text` but no text is given",
                                 fix="set `prompt_tuning_init_text: \"Classify the sentiment:\"` or "

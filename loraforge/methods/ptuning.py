@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def check(cfg: RunConfig, hf_config: Any) -> list[Problem]:
     """Preflight problems for P-tuning (see `prompt.prompt_learning_problems`)."""
-    return prompt_learning_problems(cfg, hf_config)
+    return prompt_learning_problems(cfg, hf_config, task_fit=False)
 
 
 def ptuning_config(cfg: RunConfig, model: nn.Module):
