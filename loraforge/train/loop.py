@@ -85,7 +85,8 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
         save_config(cfg.model_copy(update={"precision": precision}), run_dir / "config.yaml")
         setup.tokenizer.save_pretrained(run_dir)
     say(f"{len(setup.data.train)} training examples, {plan.total_steps} optimizer steps "
-        f"({plan.groups_per_epoch} per epoch, {precision}, batching={setup.batching})")
+        f"({plan.groups_per_epoch} per epoch, {precision}, batching={setup.batching}"
+        f"{f', {accelerator.num_processes} processes' if accelerator.num_processes > 1 else ''})")
 
     logger = RunLogger(run_dir, total_steps=plan.total_steps, start_step=state.global_step, enabled=main,
                        tensorboard="tensorboard" in cfg.report_to, append=resume_from is not None)

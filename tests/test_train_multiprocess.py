@@ -1,0 +1,55 @@
+"""The same config under `accelerate launch` with 2 CPU processes (gloo): data split across ranks, only rank 0
+logs and writes, and the result equals one process with the same global batch (2 × accumulation 1 ≡ 1 × 2).
+
+On a machine without CUDA, `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's simple
+launcher; multi-CPU there means mpirun). `--multi_gpu` is what starts torchrun's 2 processes; our Accelerator
+then runs them on the CPU with gloo (accelerate's MULTI_CPU)."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_train_helpers import (REPO, adapter, assert_losses_close, cli_env, make_cfg, max_weight_diff,  # noqa: F401
+                                rows_file, run, tiny_llama, train_losses, val_losses, write_config, write_rows)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama, rows_file, tmp_path):
+    val = write_rows(tmp_path / "val.jsonl", 5, offset=40)  # odd count: ranks get unequal val shares
+    opts = dict(max_steps=4, save_steps=2, eval_steps=2, val_file=str(val), batch_size=2, report_to=["tensorboard"],
+                plot_loss=True, target_modules="all-linear")
+    multi = tmp_path / "multi"
+    config = write_config(make_cfg(tiny_llama, rows_file, multi, gradient_accumulation_steps=1, **opts),
+                          tmp_path / "multi.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
+           "-m", "loraforge", "train", str(config)]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # one summary line (rank 0 speaks for both) naming the 2 processes
+    assert proc.stdout.count("2 processes)") == 1 and proc.stdout.count("done: 4 steps") == 1, proc.stdout[-2000:]
+
+    single = tmp_path / "single"
+    run(tiny_llama, rows_file, single, gradient_accumulation_steps=2, **opts)
+
+    assert_losses_close(train_losses(multi), train_losses(single), tol=1e-5)
+    assert_losses_close(val_losses(multi), val_losses(single), tol=1e-5)
+    assert max_weight_diff(adapter(multi), adapter(single)) < 1e-5
+    assert max_weight_diff(adapter(multi / "checkpoint-2"), adapter(single / "checkpoint-2")) < 1e-5
+    # rank 0 alone writes: the same files as the single-process run, one metrics line per step, one event file
+    assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())
+    assert len((multi / "metrics.jsonl").read_text().splitlines()) == 4 + 2
+    assert len(list((multi / "tensorboard").iterdir())) == 1
+    state = json.loads((multi / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["global_step"] == 4
