@@ -161,3 +161,15 @@ def test_peft_task_name_for_question_answering():
 
     assert prompt.peft_task(TaskType.QUESTION_ANSWERING) is PeftTaskType.QUESTION_ANS
     assert prompt.peft_task(TaskType.SEQ_CLS) is PeftTaskType.SEQ_CLS
+
+
+def test_prefix_on_multi_query_falcon_is_refused():
+    """Measured: PEFT's prefix has one key/value head per attention head, falcon-7b-style models have one."""
+    from loraforge.models.tiny import tiny_config
+
+    cfg = _cfg("prefix")
+    problems = prefix.check(cfg, tiny_config("falcon", 64, multi_query=True))
+    assert [p.key for p in problems] == ["method"] and "Falcon" in problems[0].message
+    assert prefix.check(cfg, tiny_config("falcon", 64, multi_query=False)) == []
+    assert prefix.check(cfg, tiny_config("falcon", 64, new_decoder_architecture=True, num_kv_heads=2)) == []
+    assert ptuning.check(_cfg("ptuning"), tiny_config("falcon", 64, multi_query=True)) == []

@@ -53,6 +53,8 @@ def prompt_learning_problems(cfg: RunConfig, hf_config: Any, *, task_fit: bool =
     - prompt / ptuning with SEQ_CLS on a decoder-only model: PEFT calls the model with `inputs_embeds`, so the
       classifier cannot find the last real token and pools whatever sits at the last position (a pad token in
       a right-padded batch) — transformers only warns.
+    - prefix on multi-query Falcon (falcon-7b style: `multi_query` without `new_decoder_architecture`): PEFT
+      builds one key/value head per attention head, the model has one — a shape error at the first forward.
     - SEQ_2_SEQ_LM on a decoder-only model (FINDINGS traps 4 and 6) — only with `task_fit`: preflight's own
       task-type check (`models.registry.check_task_type`) already reports it for every method.
     """
@@ -77,6 +79,12 @@ def prompt_learning_problems(cfg: RunConfig, hf_config: Any, *, task_fit: bool =
             "method", f"{method} prepends virtual tokens to the outputs but PEFT does not shift the "
             f"{'labels' if task is TaskType.TOKEN_CLS else 'answer positions'} — {task.value} would be mis-trained",
             value=method, allowed="lora, qlora, prefix, freeze, full", fix="use `method: prefix` or `method: lora`"))
+    if (method == "prefix" and model_type == "falcon" and getattr(hf_config, "multi_query", False)
+            and not getattr(hf_config, "new_decoder_architecture", False)):
+        problems.append(Problem(
+            "method", "prefix tuning does not fit multi-query Falcon with the installed peft (one key/value head "
+            "in the model, one per attention head in the prefix)", value=method,
+            allowed="lora, qlora, ptuning, prompt, freeze, full", fix="use `method: lora` or `method: ptuning`"))
     if method in LENGTHENS_SEQUENCE and task is TaskType.SEQ_CLS and kind == "decoder-only":
         problems.append(Problem(
             "method", f"{method} feeds input embeddings, so a decoder-only classifier ({model_type}) cannot find the "
