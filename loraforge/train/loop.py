@@ -132,11 +132,12 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
                     raise _diverged(cfg, state, run_dir, f"loss is {step_loss}")
                 # max_grad_norm null: no clipping, but the norm is still measured and logged
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                grad_norm = None if grad_norm is None else float(grad_norm)  # None: DeepSpeed clips in its engine
                 # A finite loss can still give inf/nan gradients (weights already huge); stepping on them would put
                 # NaN weights into the next checkpoint. fp16's loss scaler skips such steps itself.
-                if precision != "fp16" and not math.isfinite(float(grad_norm)):
+                if precision != "fp16" and grad_norm is not None and not math.isfinite(grad_norm):
                     logger.close()
-                    raise _diverged(cfg, state, run_dir, f"gradient norm is {float(grad_norm)} (loss {step_loss:.4g})")
+                    raise _diverged(cfg, state, run_dir, f"gradient norm is {grad_norm} (loss {step_loss:.4g})")
                 lr = scheduler.get_last_lr()[0]  # the rate this step used (read before the scheduler advances)
                 optimizer.step()
                 scheduler.step()
@@ -155,7 +156,7 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
                     epoch = round(state.epoch + state.group / plan.groups_per_epoch, 4)
                     record = {"step": state.global_step, "epoch": epoch,
                               "loss": window["loss"] / max(window["tokens"], 1), "lr": lr,
-                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                              "grad_norm": grad_norm,
                               "tokens": state.tokens_seen,
                               "tokens_per_s": window["tokens"] / max(time.time() - window["t"], 1e-9)}
                     logger.log(record)
