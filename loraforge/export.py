@@ -46,6 +46,9 @@ class MergeReport:
     samples: int
     seconds: float
 
+    def __str__(self) -> str:
+        return self.format()
+
     def format(self) -> str:
         check = ("not verified" if self.max_abs_diff is None else
                  f"verified: max |logits(merged) - logits(base+adapter)| = {self.max_abs_diff:.2e} "

@@ -234,6 +234,8 @@ def test_server_config_yaml_and_errors(tmp_path):
         "routes:\n  medical: [{adapter: cardiology, weight: 0.9}, {adapter: base, weight: 0.1}]\n")
     cfg = load_server_config(tmp_path / "serve.yaml", {"port": 9001, "api_key": None})
     assert cfg.host == "127.0.0.1" and cfg.port == 9001 and cfg.adapter_roots == [tmp_path / "adapters"]
+    flags = load_server_config(None, {"base": "smollm2", "adapters": {"a": "runs/a"}, "port": None})  # CLI, no YAML
+    assert flags.base_model == "smollm2" and flags.adapters == {"a": "runs/a"} and flags.port == 8000
     with pytest.raises(ConfigError) as err:
         server_config_from_dict({"prot": 1, "routes": {"ab": [{"adapter": "nope", "weight": 1}]}})
     text = err.value.format()

@@ -131,14 +131,21 @@ def server_config_from_dict(data: dict[str, Any], *, source: str = "<dict>", bas
         raise ConfigError(problems, title="invalid server config") from None
 
 
-def load_server_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ServerConfig:
-    """Read a serve YAML file; `overrides` (from CLI flags, None values ignored) win over the file.
+# CLI flag spellings -> ServerConfig keys.
+KEY_ALIASES = {"base": "base_model", "adapter": "adapters", "adapter_root": "adapter_roots"}
+
+
+def load_server_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> ServerConfig:
+    """Read a serve YAML file (or none: flags only); `overrides` (CLI flags, None values ignored) win over it.
 
     Raises:
         ConfigError: unreadable file, not a mapping, or invalid keys.
     """
     import yaml
 
+    overrides = {KEY_ALIASES.get(k, k): v for k, v in (overrides or {}).items() if v is not None}
+    if path is None:
+        return server_config_from_dict(overrides, source="flags")
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -146,5 +153,5 @@ def load_server_config(path: str | Path, overrides: dict[str, Any] | None = None
         raise ConfigError([Problem(str(path), f"cannot read the server config: {err}")]) from None
     if not isinstance(data, dict):
         raise ConfigError([Problem(str(path), "must be a YAML mapping of keys to values", value=type(data).__name__)])
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    data.update(overrides)
     return server_config_from_dict(data, source=str(path), base_dir=path.parent)
