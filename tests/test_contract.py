@@ -60,25 +60,10 @@ ROWS: dict[TaskType, list[dict]] = {
 }
 
 
-def _peft_task_type_maps_qa() -> bool:
-    from loraforge.methods.common import peft_task_type
-
-    try:
-        peft_task_type(QA)
-        return True
-    except KeyError:
-        return False
-
-
 def _matrix():
-    # methods/common.py's peft_task_type (used by lora/qlora) must map QUESTION_ANSWERING to PEFT's
-    # `QUESTION_ANS`; until it does, those two cases are expected to fail with that KeyError.
-    qa_bug = pytest.mark.xfail(not _peft_task_type_maps_qa(), raises=KeyError, strict=True,
-                               reason="methods/common.peft_task_type: PEFT spells it QUESTION_ANS")
     for task, (family, methods) in MATRIX.items():
         for method in methods:
-            marks = [qa_bug] if task is QA and method in ("lora", "qlora") else []
-            yield pytest.param(method, task, family, id=f"{task.value}-{method}", marks=marks)
+            yield pytest.param(method, task, family, id=f"{task.value}-{method}")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

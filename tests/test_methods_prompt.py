@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 from loraforge.config import TaskType, config_from_dict  # noqa: E402
 from loraforge.errors import ModelError  # noqa: E402
 from loraforge.methods import prefix, prompt, ptuning  # noqa: E402
+from loraforge.methods.common import peft_task_type  # noqa: E402
 from loraforge.methods.report import trainable_report, verify_trainable  # noqa: E402
 
 
@@ -159,8 +160,8 @@ def test_native_prefix_uses_the_models_own_prefix_encoder(tmp_path):
 def test_peft_task_name_for_question_answering():
     from peft import TaskType as PeftTaskType
 
-    assert prompt.peft_task(TaskType.QUESTION_ANSWERING) is PeftTaskType.QUESTION_ANS
-    assert prompt.peft_task(TaskType.SEQ_CLS) is PeftTaskType.SEQ_CLS
+    assert peft_task_type(TaskType.QUESTION_ANSWERING) is PeftTaskType.QUESTION_ANS
+    assert peft_task_type(TaskType.SEQ_CLS) is PeftTaskType.SEQ_CLS
 
 
 def test_prefix_on_multi_query_falcon_is_refused():

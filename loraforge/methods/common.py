@@ -11,10 +11,10 @@ if TYPE_CHECKING:
 
 
 def peft_task_type(task_type: TaskType):
-    """Our TaskType → peft.TaskType (same names)."""
+    """Our TaskType → peft.TaskType (same names, except PEFT spells QUESTION_ANSWERING `QUESTION_ANS`)."""
     from peft import TaskType as PeftTaskType
 
-    return PeftTaskType[task_type.value]
+    return PeftTaskType["QUESTION_ANS" if task_type.value == "QUESTION_ANSWERING" else task_type.value]
 
 
 def resolve_targets(cfg: RunConfig, model: nn.Module) -> list[str] | str:

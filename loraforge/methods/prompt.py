@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from loraforge.methods.common import peft_task_type
 from loraforge.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
@@ -23,13 +24,6 @@ if TYPE_CHECKING:
 # Virtual tokens lengthen the sequence (prompt, ptuning) — unlike prefix tuning, which adds keys/values only.
 LENGTHENS_SEQUENCE = ("prompt", "ptuning")
 PROMPT_LEARNING = ("prefix", "ptuning", "prompt")
-
-
-def peft_task(task_type: TaskType):
-    """Our TaskType → peft.TaskType. PEFT spells question answering `QUESTION_ANS`."""
-    from peft import TaskType as PeftTaskType
-
-    return PeftTaskType["QUESTION_ANS" if task_type.value == "QUESTION_ANSWERING" else task_type.value]
 
 
 def model_kind_of(hf_config: Any) -> str:
@@ -122,7 +116,7 @@ def prompt_config(cfg: RunConfig, model: nn.Module):
             raise ConfigError(check(cfg, model.config)[-1:])
         kwargs = dict(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.prompt_tuning_init_text,
                       tokenizer_name_or_path=model_path(model))
-    return PromptTuningConfig(task_type=peft_task(cfg.task_type), num_virtual_tokens=cfg.num_virtual_tokens,
+    return PromptTuningConfig(task_type=peft_task_type(cfg.task_type), num_virtual_tokens=cfg.num_virtual_tokens,
                               modules_to_save=cfg.modules_to_save, **kwargs)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from loraforge.methods.prompt import apply_prompt_learning, peft_task, prompt_learning_problems
+from loraforge.methods.common import peft_task_type
+from loraforge.methods.prompt import apply_prompt_learning, prompt_learning_problems
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,7 +28,7 @@ def ptuning_config(cfg: RunConfig, model: nn.Module):
     from peft import PromptEncoderConfig
 
     hidden = cfg.encoder_hidden_size or model.config.get_text_config().hidden_size
-    return PromptEncoderConfig(task_type=peft_task(cfg.task_type), num_virtual_tokens=cfg.num_virtual_tokens,
+    return PromptEncoderConfig(task_type=peft_task_type(cfg.task_type), num_virtual_tokens=cfg.num_virtual_tokens,
                                encoder_reparameterization_type=cfg.encoder_reparameterization_type,
                                encoder_hidden_size=hidden, modules_to_save=cfg.modules_to_save)
 
