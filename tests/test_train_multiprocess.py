@@ -1,9 +1,10 @@
 """The same config under `accelerate launch` with 2 CPU processes (gloo): data split across ranks, only rank 0
 logs and writes, and the result equals one process with the same global batch (2 × accumulation 1 ≡ 1 × 2).
+The shipped accelerate configs (configs/accelerate/) parse with accelerate's own reader.
 
 On a machine without CUDA, `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's simple
-launcher; multi-CPU there means mpirun). `--multi_gpu` is what starts torchrun's 2 processes; our Accelerator
-then runs them on the CPU with gloo (accelerate's MULTI_CPU)."""
+launcher; multi-CPU there means mpirun). `--multi_gpu` / `distributed_type: MULTI_GPU` is what starts torchrun's
+2 processes; our Accelerator then runs them on the CPU with gloo (accelerate's MULTI_CPU)."""
 
 import json
 import socket
@@ -15,6 +16,23 @@ import torch
 
 from test_train_helpers import (REPO, adapter, assert_losses_close, cli_env, make_cfg, max_weight_diff,  # noqa: F401
                                 rows_file, run, tiny_llama, train_losses, val_losses, write_config, write_rows)
+
+
+ACCELERATE = REPO / "configs" / "accelerate"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in ACCELERATE.glob("*.yaml")))
+def test_shipped_accelerate_configs_load_with_accelerates_own_reader(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cluster = load_config_from_file(str(ACCELERATE / name))
+    assert cluster.num_processes >= 2 and cluster.num_machines == 1
+    assert str(cluster.distributed_type).split(".")[-1] in {"MULTI_GPU", "FSDP", "DEEPSPEED"}
+
+
+def test_accelerate_configs_are_shipped():
+    assert {"cpu-2proc.yaml", "ddp-gpus.yaml", "fsdp-gpus.yaml", "deepspeed-zero2.yaml"} <= \
+        {p.name for p in ACCELERATE.glob("*.yaml")}
 
 
 def _free_port() -> int:
@@ -31,8 +49,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama, rows_fil
     multi = tmp_path / "multi"
     config = write_config(make_cfg(tiny_llama, rows_file, multi, gradient_accumulation_steps=1, **opts),
                           tmp_path / "multi.yaml")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # the shipped accelerate config, as docs/TRAINING.md tells users to run it
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "cpu-2proc.yaml"),
            "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
            "-m", "loraforge", "train", str(config)]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=540)
