@@ -99,6 +99,19 @@ def test_resume_errors_name_the_key(tiny_llama, rows_file, tmp_path):
     assert "not a complete loraforge checkpoint" in e.value.format()
 
 
+def test_resuming_with_another_data_split_is_refused(reference, tiny_llama, rows_file, tmp_path):
+    """Step k of a run with another batch size or accumulation holds other examples: not an exact resume."""
+    from loraforge.errors import ConfigError
+
+    out = tmp_path / "changed"
+    _interrupted_copy(reference, out, keep_until=4)
+    with pytest.raises(ConfigError) as e:
+        run(**dict(_resume_cfg(tiny_llama, rows_file, out, "latest"), batch_size=4, gradient_accumulation_steps=2))
+    text = e.value.format()
+    assert "batch_size = 2, this run has 4" in text and "micro_batches_per_step = 1, this run has 2" in text
+    assert "init_adapter" in text
+
+
 def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tiny_llama, rows_file, tmp_path):
     """A real `loraforge train` process is SIGKILLed after its second checkpoint; `resume_from_checkpoint: latest`
     then reproduces the uninterrupted run's per-step losses."""

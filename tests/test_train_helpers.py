@@ -119,10 +119,10 @@ def cli_env() -> dict[str, str]:
 
 
 def write_config(cfg, path: Path) -> Path:
-    """Only the keys the test set (a fully dumped config does not load back: method-specific defaults count as set)."""
-    import yaml
+    """The fully resolved config, as a run dir's config.yaml holds it (so these runs also check it loads back)."""
+    from loraforge.config import save_config
 
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude_unset=True), sort_keys=False))
+    save_config(cfg, path)
     return path
 
 

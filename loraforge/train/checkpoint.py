@@ -38,6 +38,7 @@ class TrainState:
     evals_without_improvement: int = 0
     world_size: int = 1
     history: list[dict] = field(default_factory=list)  # logged metrics, so a resumed run's plot is whole
+    plan: dict = field(default_factory=dict)  # what fixes the data order (StepPlan.signature); must match on resume
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

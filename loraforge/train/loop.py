@@ -76,10 +76,12 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
 
-    state = TrainState(world_size=accelerator.num_processes)
+    state = TrainState(world_size=accelerator.num_processes, plan=plan.signature())
     if resume_from is not None:
         _load_weights(model, resume_from)
         state = load_checkpoint(resume_from, optimizer, scheduler)
+        plan.check_resume(state.plan, resume_from)
+        state.world_size, state.plan = accelerator.num_processes, plan.signature()
         say(f"resumed from {resume_from} at step {state.global_step}")
     if main:
         save_config(cfg.model_copy(update={"precision": precision}), run_dir / "config.yaml")

@@ -16,6 +16,7 @@ import torch
 
 from loraforge.config import RunConfig, TaskType
 from loraforge.errors import ConfigError, Problem
+from loraforge.train.attention import VARLEN, attention_for, register_varlen_attention
 from loraforge.train.checkpoint import STATE_FILE, TrainState, clean_partial, latest_checkpoint, list_checkpoints
 from loraforge.train.loss import trained_token_count
 
@@ -193,6 +194,10 @@ def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str],
     model = load_model(model_dir, cfg.task_type, dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation,
                        trust_remote_code=cfg.trust_remote_code, **extra)
     model.config.use_cache = False  # packed rows need it off (FINDINGS trap 2); training never uses the cache
+    attention = attention_for(cfg.attn_implementation, choose_batching(cfg, model_dir))
+    if attention == VARLEN:
+        # packed rows: attention per example (Σ L² work) instead of one masked T² block over the whole row
+        model.set_attn_implementation(register_varlen_attention())
     model = apply_method(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -228,6 +233,25 @@ class StepPlan:
     total_steps: int = 0
     groups_per_epoch: int = 0
     eval_steps: int | None = None
+
+    def signature(self) -> dict:
+        """Everything that decides which examples make optimizer step k: a resumed run must agree on all of it."""
+        return {"train_examples": len(self.lengths), "seed": self.cfg.seed, "batching": self.batching,
+                "batch_size": self.cfg.batch_size,
+                "micro_batches_per_step": self.cfg.gradient_accumulation_steps * self.world_size}
+
+    def check_resume(self, saved: dict, ckpt: Path) -> None:
+        """Raises:
+            ConfigError: the checkpoint's run split its data differently (its step k had other examples)."""
+        now = self.signature()
+        problems = [Problem("resume_from_checkpoint",
+                            f"the checkpoint's run had {k} = {saved[k]}, this run has {now[k]}", value=str(ckpt),
+                            fix="resume with the interrupted run's data, seed, batching, batch_size and "
+                                "gradient_accumulation_steps × processes, or start a new run from its weights "
+                                f"with `init_adapter: {ckpt}`")
+                    for k in now if k in saved and saved[k] != now[k]]
+        if problems:
+            raise ConfigError(problems, title="cannot resume exactly")
 
     def groups(self, epoch: int) -> list[list]:
         """The optimizer steps of `epoch`: all of them, except in the last epoch of a fractional `epochs`."""
@@ -312,6 +336,7 @@ def write_run_json(cfg: RunConfig, run_dir: Path, state: TrainState, setup: Setu
         "best_val_loss": state.best_val_loss,
         "best_step": state.best_step,
         "batching": setup.batching,
+        "attention": attention_for(cfg.attn_implementation, setup.batching),
         "data": _jsonable(setup.data.stats),
         **extra,
     }
