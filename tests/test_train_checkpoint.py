@@ -114,9 +114,9 @@ def test_resuming_with_another_data_split_is_refused(reference, tiny_llama, rows
 
 def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(tiny_llama, rows_file, tmp_path):
     """A real `loraforge train` process is SIGKILLed after its second checkpoint; `resume_from_checkpoint: latest`
-    then reproduces the uninterrupted run's per-step losses."""
+    then reproduces the uninterrupted run's per-step losses. LoRA dropout is on: the restored RNG state matters."""
     steps = 30
-    opts = dict(max_steps=steps, save_steps=3, lr_scheduler="linear", warmup_steps=3)
+    opts = dict(max_steps=steps, save_steps=3, lr_scheduler="linear", warmup_steps=3, lora_dropout=0.2)
     out = tmp_path / "killed"
     config = write_config(make_cfg(tiny_llama, rows_file, out, **opts), tmp_path / "run.yaml")
     proc = start_cli(config, log_dir=tmp_path / "logs")
