@@ -29,8 +29,8 @@ from loraforge.train.logging import RunLogger, plot_loss
 class TrainingInterrupted(Exception):
     """Ctrl-C / SIGTERM: a checkpoint was written; `.checkpoint` says where."""
 
-    def __init__(self, checkpoint: Path | None, signum: int):
-        self.checkpoint, self.signum = checkpoint, signum
+    def __init__(self, checkpoint: Path | None, signum: int, is_main: bool = True):
+        self.checkpoint, self.signum, self.is_main = checkpoint, signum, is_main
         super().__init__(f"interrupted by signal {signum}")
 
 
@@ -45,6 +45,7 @@ class TrainResult:
     final_loss: float | None
     best_val_loss: float | None
     stopped_early: bool
+    is_main: bool = True  # False on the other ranks of `accelerate launch`: callers print only where it is True
 
 
 def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult:
@@ -171,7 +172,7 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
                 if _stop_requested(stop_signal, accelerator):
                     path = checkpoint_now()
                     logger.close()
-                    raise TrainingInterrupted(path, stop_signal[0] if stop_signal else signal.SIGTERM)
+                    raise TrainingInterrupted(path, stop_signal[0] if stop_signal else signal.SIGTERM, is_main=main)
                 if stopped_early:
                     break
             if stopped_early:
@@ -189,7 +190,7 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
                        first_step_s=t_first_step, final_loss=last_loss, stopped_early=stopped_early)
         say(f"done: {state.global_step} steps, final loss {last_loss:.4f}" if last_loss is not None else "done")
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, state.global_step, last_loss, state.best_val_loss, stopped_early)
+    return TrainResult(run_dir, state.global_step, last_loss, state.best_val_loss, stopped_early, is_main=main)
 
 
 def _diverged(cfg: RunConfig, state: TrainState, run_dir: Path, what: str) -> TrainingDiverged:
