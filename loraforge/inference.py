@@ -238,6 +238,7 @@ class InferenceModel:
         self.base_path = base_path
         self.adapter_roots = [Path(r) for r in adapter_roots] if adapter_roots else None
         self.template = template
+        self.base_system_prompt: str | None = None  # from a full/freeze run's config.yaml
         self.lock = threading.RLock()
         self._lora: Any = None  # one PeftModel holding every LoRA adapter
         self._prompt_models: dict[str, Any] = {}  # internal name -> PeftModel (prompt learning)
@@ -289,7 +290,7 @@ class InferenceModel:
         self = cls(model, tokenizer, base_path=base_path,
                    adapter_roots=[Path(r) for r in adapter_roots] if adapter_roots else None,
                    template=str(run_cfg.get("template") or "auto"))
-        self.base_system_prompt = run_cfg.get("system_prompt")
+        self.base_system_prompt = run_cfg.get("system_prompt") or None
         problems: list[Problem] = []
         for name, path in (adapters or {}).items():
             try:
@@ -299,8 +300,6 @@ class InferenceModel:
         if problems:
             raise ModelError(problems)
         return self
-
-    base_system_prompt: str | None = None
 
     # --- adapters -----------------------------------------------------------------------------------
 
@@ -414,6 +413,9 @@ class InferenceModel:
             self._lora.unload()
             self._lora = None
         else:
+            if info.internal_name in self._lora.active_adapters:  # PEFT would warn and pick one itself
+                other = next(n for n in self._lora.peft_config if n != info.internal_name)
+                self._lora.set_adapter(other, inference_mode=True)
             self._lora.delete_adapter(info.internal_name)
 
     # --- prompts ------------------------------------------------------------------------------------
