@@ -56,6 +56,7 @@ def test_stream_yields_the_same_text_as_generate(model):
     deltas = list(stream)
     assert len(deltas) >= 2 and "".join(deltas) == model.generate(Q, "diabetes", GREEDY).text
     assert stream.result.finish_reason == "stop" and "GLUCO-3" in stream.result.text
+    assert "".join(model.stream(Q, "base", GREEDY)) == model.generate(Q, "base", GREEDY).text  # adapter really off
 
 
 def test_stop_string_and_length_limit(model):

@@ -247,3 +247,23 @@ def test_shipped_serve_configs_load():
     assert configs
     for path in configs:
         load_server_config(path)
+
+
+def test_requests_beyond_max_concurrency_get_429(model, adapters, smollm2_dir):
+    """An open stream holds its slot until it ends; with max_concurrency 1 the next request is refused."""
+    import httpx
+
+    from loraforge.serve.app import create_app
+
+    with BackgroundServer(create_app(_config(adapters, smollm2_dir, max_concurrency=1), model)) as srv:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        body = {"model": "base", "messages": Q, "max_tokens": 10, "temperature": 0}
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**body, "stream": True}, headers=auth,
+                          timeout=300) as held:
+            assert held.status_code == 200
+            lines = held.iter_lines()
+            next(lines)  # the stream has started and holds the only slot
+            busy = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth, timeout=300)
+            assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+        assert httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth, timeout=300).status_code == 200

@@ -53,7 +53,7 @@ class ServerState:
                                    batch_window_ms=config.batch_window_ms)
         self.routes: dict[str, list[RouteTarget]] = dict(config.routes)
         self.rng = random.Random(config.route_seed)
-        self.admin_lock = threading.Lock()
+        self.count_lock = threading.Lock()  # streams release their slot from a worker thread
         self.in_flight = 0
 
     def model_names(self) -> list[str]:
@@ -162,16 +162,18 @@ def create_app(config: ServerConfig, model: InferenceModel | None = None) -> Any
         """One of `max_concurrency` slots; a stream keeps its slot until the stream is closed."""
 
         def __init__(self) -> None:
-            if state.in_flight >= config.max_concurrency:
-                raise ApiError(429, f"server busy: {config.max_concurrency} requests in flight; retry shortly",
-                               "rate_limit_error", code="too_many_requests")
-            state.in_flight += 1
-            self.held = True
+            with state.count_lock:
+                if state.in_flight >= config.max_concurrency:
+                    raise ApiError(429, f"server busy: {config.max_concurrency} requests in flight; retry shortly",
+                                   "rate_limit_error", code="too_many_requests")
+                state.in_flight += 1
+                self.held = True
 
         def release(self) -> None:
-            if self.held:
-                self.held = False
-                state.in_flight -= 1
+            with state.count_lock:
+                if self.held:
+                    self.held = False
+                    state.in_flight -= 1
 
         def __enter__(self) -> "_Admission":
             return self
@@ -320,8 +322,8 @@ def create_app(config: ServerConfig, model: InferenceModel | None = None) -> Any
     async def admin_load(body: P.AdapterLoad) -> Any:
         if body.name in state.routes:
             raise ApiError(409, f"`{body.name}` is an A/B route name", code="name_taken")
-        with state.admin_lock:
-            await run_in_threadpool(admin_call, state.model.load_adapter, body.name, body.path)
+        # No lock of ours here: the model lock serializes loading with generation, in the worker thread.
+        await run_in_threadpool(admin_call, state.model.load_adapter, body.name, body.path)
         return JSONResponse(adapter_entry(body.name), status_code=201)
 
     @app.put("/admin/adapters/{name}", dependencies=auth)
