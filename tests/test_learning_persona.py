@@ -25,7 +25,7 @@ def test_persona_is_learned_and_generalizes(smollm2_dir, tmp_path):
     out = tmp_path / "persona"
     cfg = config_from_dict(dict(
         base_model=str(smollm2_dir), metadata_path=str(DATA / "train.jsonl"), method="lora", lora_rank=16,
-        lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", batch_size=8, epochs=4, learning_rate=1e-3,
+        lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", batch_size=8, epochs=6, learning_rate=1e-3,
         warmup_steps=2, cutoff_len=128, logging_steps=5, save_steps=None, output_dir=str(out), report_to=["none"],
         plot_loss=False, seed=0))
     result = train(cfg, echo=lambda _m: None)

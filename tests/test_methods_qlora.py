@@ -46,7 +46,9 @@ def _lora_grads(model, batch) -> dict[str, torch.Tensor]:
     model.train()
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
-    return {n.split("base_model.model.")[-1]: p.grad.detach().clone()
+    # A missing gradient counts as zero: after the CPU repack, bitsandbytes' gemv_4bit has no backward, so layers
+    # below a repacked one may get no gradient at all (the trap at its worst).
+    return {n.split("base_model.model.")[-1]: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
             for n, p in model.named_parameters() if p.requires_grad}
 
 
