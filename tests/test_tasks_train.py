@@ -47,22 +47,7 @@ def _run(tmp_path, root, task: str, method: str, **kw):
     return result, model_dir, losses
 
 
-def _lora_maps_qa() -> bool:
-    from loraforge.methods.common import peft_task_type
-
-    try:
-        peft_task_type(TaskType.QUESTION_ANSWERING)
-        return True
-    except KeyError:
-        return False
-
-
-QA_LORA = pytest.param("QUESTION_ANSWERING", marks=pytest.mark.xfail(
-    not _lora_maps_qa(), raises=KeyError, strict=True,
-    reason="methods/common.peft_task_type must map QUESTION_ANSWERING to PEFT's QUESTION_ANS"))
-
-
-@pytest.mark.parametrize("task", ["SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", QA_LORA, "FEATURE_EXTRACTION"])
+@pytest.mark.parametrize("task", ["SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANSWERING", "FEATURE_EXTRACTION"])
 def test_task_type_trains_end_to_end_with_lora(task, tmp_path, root):
     import transformers
     from peft import PeftModel

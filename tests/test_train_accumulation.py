@@ -1,6 +1,7 @@
 """Gradient accumulation is normalized by trained tokens across the whole optimizer step: accumulation N × batch B
 equals batch N·B (losses per step and final adapter), padded and packed alike; gradient checkpointing changes
-nothing but memory."""
+nothing but memory, and
+dataloader workers nothing but where batches are collated."""
 
 import pytest
 
@@ -18,7 +19,9 @@ def runs(tiny_llama, rows_file, tmp_path_factory):
               "padded_1x4": dict(batching="padded", batch_size=1, gradient_accumulation_steps=4),
               "packed_2x2": dict(batching="packed", batch_size=2, gradient_accumulation_steps=2),
               "packed_1x4_ckpt": dict(batching="packed", batch_size=1, gradient_accumulation_steps=4,
-                                      gradient_checkpointing=True)}
+                                      gradient_checkpointing=True),
+              "padded_4x1_workers": dict(batching="padded", batch_size=4, gradient_accumulation_steps=1,
+                                         dataloader_num_workers=2)}
     out = {}
     for name, kw in shapes.items():
         result = run(tiny_llama, rows_file, root / name, max_steps=STEPS, target_modules="all-linear", **kw)
@@ -51,3 +54,33 @@ def test_accumulation_matches_the_big_batch(runs, name):
 def test_gradient_checkpointing_gives_the_same_training(runs):
     assert_losses_close(train_losses(runs["packed_1x4_ckpt"]), train_losses(runs["padded_4x1"]), tol=1e-5)
     assert max_weight_diff(adapter(runs["packed_1x4_ckpt"]), adapter(runs["padded_4x1"])) < 1e-5
+
+
+def test_dataloader_workers_feed_the_same_batches(runs):
+    assert train_losses(runs["padded_4x1_workers"]) == train_losses(runs["padded_4x1"])
+    assert max_weight_diff(adapter(runs["padded_4x1_workers"]), adapter(runs["padded_4x1"])) == 0
+
+
+def test_dataloader_workers_collate_in_other_processes(tiny_llama, rows_file):
+    """The knob is applied: with workers the micro-batches are collated outside the training process, in order."""
+    import os
+
+    import torch
+
+    from loraforge.config import config_from_dict
+    from loraforge.train.setup import Setup
+
+    class PidSetup(Setup):
+        def collate(self, micro_batch, val=False):
+            return {"pid": torch.tensor(os.getpid()), "first": torch.tensor(micro_batch[0][0])}
+
+    groups = [[[[0]], [[1]]], [[[2]], [[3]]], [[[4]], [[5]]]]
+    for workers in (0, 2):
+        cfg = config_from_dict({"base_model": str(tiny_llama), "metadata_path": str(rows_file),
+                                "dataloader_num_workers": workers})
+        setup = PidSetup(cfg, tiny_llama, tokenizer=None, data=None, batching="padded")
+        fed = list(setup.feed(groups, start=1, rank=1, world_size=2))
+        assert [g for g, _ in fed] == groups[1:]
+        assert [[int(b["first"]) for b in mine] for _, mine in fed] == [[3], [5]]  # rank 1 of 2, from step 1
+        pids = {int(b["pid"]) for _, mine in fed for b in mine}
+        assert (pids == {os.getpid()}) if workers == 0 else (os.getpid() not in pids)

@@ -113,15 +113,16 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
     with _catch_signals(stop_signal):
         loss_model.train()
         while state.epoch < plan.epochs and state.global_step < plan.total_steps:
-            groups = plan.groups(state.epoch)
-            while state.group < len(groups) and state.global_step < plan.total_steps:
-                group = groups[state.group]
+            feed = setup.feed(plan.groups(state.epoch), start=state.group, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes)
+            for group, mine in feed:
+                if state.global_step >= plan.total_steps:
+                    break
                 # ---- one optimizer step: forward/backward every micro-batch of this process ----
                 step_tokens = sum(setup.tokens_of(mb) for mb in group)  # all processes: the true denominator
-                mine = group[accelerator.process_index::accelerator.num_processes]
                 loss_sum = torch.zeros((), device=accelerator.device)
-                for k, mb in enumerate(mine):
-                    batch = {key: v.to(accelerator.device) for key, v in setup.collate(mb).items()}
+                for k, batch in enumerate(mine):
+                    batch = {key: v.to(accelerator.device) for key, v in batch.items()}
                     sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(loss_model)
                     with sync, accelerator.autocast():
                         s, _ = loss_model(**batch)

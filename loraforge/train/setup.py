@@ -117,6 +117,26 @@ class Setup:
 
         return collate(self.examples(val), micro_batch, self.tokenizer.pad_token_id)
 
+    def feed(self, groups: list[list], *, start: int, rank: int, world_size: int):
+        """Yields (group, this process's collated micro-batches) for each optimizer step `groups[start:]`.
+
+        With `dataloader_num_workers` > 0, worker processes collate the next micro-batches while the model
+        trains on the current ones (a torch DataLoader over the fixed step plan, so the order, and exact resume,
+        are unchanged)."""
+        todo = groups[start:]
+        mine = [g[rank::world_size] for g in todo]
+        if not self.cfg.dataloader_num_workers:
+            for group, micro_batches in zip(todo, mine):
+                yield group, [self.collate(mb) for mb in micro_batches]
+            return
+        from torch.utils.data import DataLoader
+
+        flat = [mb for micro_batches in mine for mb in micro_batches]
+        batches = iter(DataLoader(_Collated(self, flat), batch_size=None, shuffle=False,
+                                  num_workers=self.cfg.dataloader_num_workers))
+        for group, micro_batches in zip(todo, mine):
+            yield group, [next(batches) for _ in micro_batches]
+
     def tokens_of(self, micro_batch, val: bool = False) -> int:
         ex = self.examples(val)
         return sum(self._counts(val)[i] for row in micro_batch for i in row) if ex else 0
@@ -133,6 +153,19 @@ class Setup:
         from loraforge.train.gen_eval import score_validation_generations
 
         return score_validation_generations(model, self.tokenizer, self.data, cfg)
+
+
+class _Collated(torch.utils.data.Dataset):
+    """Micro-batch i of a fixed list, collated (what DataLoader workers compute ahead of the loop)."""
+
+    def __init__(self, setup: Setup, micro_batches: list) -> None:
+        self.setup, self.micro_batches = setup, micro_batches
+
+    def __len__(self) -> int:
+        return len(self.micro_batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.setup.collate(self.micro_batches[i])
 
 
 def build_data(cfg: RunConfig, say: Callable[[str], None]) -> Setup:
