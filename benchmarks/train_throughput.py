@@ -76,9 +76,9 @@ class StepClock:
 
 def worker(args: argparse.Namespace) -> None:
     """One run (in its own process); prints one JSON line with its measurements."""
-    import resource
-
     import torch
+
+    from loraforge.estimate import peak_rss_bytes
 
     torch.set_num_threads(args.threads)
     overrides = dict(kv.split("=", 1) for kv in args.set.split(",")) if args.set else {}
@@ -106,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
         "tokens_per_s": sum(tokens[1:]) / timed if steps > 1 else None,
         "s_per_step": timed / (steps - 1) if steps > 1 else None,
         "first_step_s": clock.times[0] - T_PROCESS if steps else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
         **result,
     }), flush=True)
 

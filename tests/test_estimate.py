@@ -92,11 +92,12 @@ def test_estimate_within_30_percent_of_a_real_run(smollm2_dir, data_file, tmp_pa
            "max_steps": 2, "output_dir": str(tmp_path / "run"), "save_steps": None, "report_to": ["none"],
            "plot_loss": False, "tokenized_cache": False}
     child = textwrap.dedent("""
-        import json, resource, sys
+        import json, sys
         from loraforge.config import config_from_dict
+        from loraforge.estimate import peak_rss_bytes
         from loraforge.train.loop import train
         train(config_from_dict(json.loads(sys.argv[1])), echo=lambda m: None)
-        print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+        print("MAXRSS", peak_rss_bytes())
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run([sys.executable, "-c", child, json.dumps(raw)], capture_output=True, text=True, env=env,
