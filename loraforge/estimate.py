@@ -22,7 +22,6 @@ mapped by transformers, so they are counted once (not twice during loading).
 
 from __future__ import annotations
 
-import math
 import re
 import subprocess
 import sys

@@ -16,7 +16,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,16 +74,17 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
         ModelError: the base model is not a local SD pipeline / checkpoint.
         ConfigError: bad target modules, resolution, precision or resume point.
     """
-    from loraforge.train.checkpoint import TrainState, load_checkpoint
+    from loraforge.train.checkpoint import STATE_FILE, TrainState, load_checkpoint
     from loraforge.train.logging import RunLogger, plot_loss
     from loraforge.train.optim import build_optimizer, build_scheduler
-    from loraforge.train.setup import resolve_precision
+    from loraforge.train.setup import prepare_run_dir, resolve_precision
 
     t_start = time.time()
     opts = cfg.image or ImageOptions()
     if problems := options_problems(opts):
         raise ConfigError(problems)
-    run_dir, resume_from = _prepare_run_dir(cfg)
+    run_dir, resume_from = prepare_run_dir(cfg, is_main=True, artifacts=RUN_FILES,
+                                           required=(STATE_FILE, WEIGHTS_NAME), kind="loraforge image")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -335,40 +335,6 @@ def _training_scheduler(pipe: Any, opts: ImageOptions) -> Any:
         sched.register_to_config(prediction_type=opts.prediction_type)
         pipe.scheduler.register_to_config(prediction_type=opts.prediction_type)  # validation renders match
     return sched
-
-
-def _prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
-    """The run dir and the checkpoint to resume from (None: fresh run).
-
-    Raises:
-        ConfigError: resuming without a checkpoint, or writing over a finished run without overwrite_output_dir.
-    """
-    from loraforge.train.checkpoint import STATE_FILE, clean_partial, latest_checkpoint, list_checkpoints
-
-    run_dir = Path(cfg.output_dir)
-    clean_partial(run_dir)
-    if cfg.resume_from_checkpoint:
-        if cfg.resume_from_checkpoint == "latest":
-            ckpt = latest_checkpoint(run_dir)
-            if ckpt is None:
-                raise ConfigError([Problem("resume_from_checkpoint", f"no complete checkpoint in {run_dir}",
-                                           value="latest", fix="remove resume_from_checkpoint to start a new run")])
-        else:
-            ckpt = Path(cfg.resume_from_checkpoint)
-            if not (ckpt / STATE_FILE).is_file() or not (ckpt / WEIGHTS_NAME).is_file():
-                found = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
-                raise ConfigError([Problem("resume_from_checkpoint", "not a complete loraforge image checkpoint",
-                                           value=str(ckpt), allowed=f"`latest` or one of: {found}")])
-        return run_dir, ckpt
-    previous = [p for p in (run_dir / f for f in RUN_FILES) if p.exists()] + list_checkpoints(run_dir)
-    if previous and not cfg.overwrite_output_dir:
-        raise ConfigError([Problem("output_dir", "already holds a training run", value=str(run_dir),
-                                   fix="continue it with `resume_from_checkpoint: latest`, start over with "
-                                       "`overwrite_output_dir: true`, or pick another output_dir")])
-    for p in previous:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, None
 
 
 def _rewrite_metrics(run_dir: Path, history: list[dict]) -> None:

@@ -19,7 +19,7 @@ from loraforge.errors import ConfigError, Problem
 if TYPE_CHECKING:
     from torch import nn
 
-    from loraforge.config import RunConfig, TaskType
+    from loraforge.config import RunConfig
 
 # Virtual tokens lengthen the sequence (prompt, ptuning) — unlike prefix tuning, which adds keys/values only.
 LENGTHENS_SEQUENCE = ("prompt", "ptuning")

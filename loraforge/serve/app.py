@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Generator, Iterator
 
 # FastAPI resolves endpoint annotations by name from this module's globals, so these imports live at the top;
 # this module is only imported by `loraforge serve` (and tests), never by the rest of the package.
@@ -88,6 +88,23 @@ def _settings(config: ServerConfig, req: P._Sampling, max_tokens: int | None) ->
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _relay(stream: Any, chunk: Callable[[str], dict[str, Any]]) -> Generator[str, None, bool]:
+    """SSE events for each text delta of `stream`; returns False after reporting a failure in-band (the status
+    line is already sent, so an error can only be an event) and ending the stream with [DONE]."""
+    try:
+        for delta in stream:
+            yield _sse(chunk(delta))
+    except Exception as err:
+        log.exception("generation failed during a stream")
+        message = err.format() if isinstance(err, LoraforgeError) else "internal error during generation"
+        yield _sse(P.error_body(message, "server_error"))
+        yield _sse("[DONE]")
+        return False
+    finally:
+        stream.close()
+    return True
 
 
 def create_app(config: ServerConfig, model: InferenceModel | None = None) -> Any:
@@ -230,17 +247,8 @@ def create_app(config: ServerConfig, model: InferenceModel | None = None) -> Any
 
             def events() -> Iterator[str]:
                 yield _sse(P.chat_chunk(rid, req.model, adapter, {"role": "assistant", "content": ""}))
-                try:
-                    for delta in stream:
-                        yield _sse(P.chat_chunk(rid, req.model, adapter, {"content": delta}))
-                except Exception as err:  # the status line is already sent: report in-band, then end
-                    log.exception("generation failed during a stream")
-                    message = err.format() if isinstance(err, LoraforgeError) else "internal error during generation"
-                    yield _sse(P.error_body(message, "server_error"))
-                    yield _sse("[DONE]")
+                if not (yield from _relay(stream, lambda d: P.chat_chunk(rid, req.model, adapter, {"content": d}))):
                     return
-                finally:
-                    stream.close()
                 result = stream.result
                 yield _sse(P.chat_chunk(rid, req.model, adapter, {}, result.finish_reason if result else "stop"))
                 if include_usage and result:
@@ -274,18 +282,10 @@ def create_app(config: ServerConfig, model: InferenceModel | None = None) -> Any
                 if req.echo:
                     yield _sse(P.text_completion(rid, req.model, adapter, [{"index": 0, "text": prompts[0],
                                                                             "finish_reason": None, "logprobs": None}], None))
-                try:
-                    for delta in stream:
-                        yield _sse(P.text_completion(rid, req.model, adapter, [{"index": 0, "text": delta,
-                                                                                "finish_reason": None, "logprobs": None}], None))
-                except Exception as err:
-                    log.exception("generation failed during a stream")
-                    message = err.format() if isinstance(err, LoraforgeError) else "internal error during generation"
-                    yield _sse(P.error_body(message, "server_error"))
-                    yield _sse("[DONE]")
+                if not (yield from _relay(stream, lambda d: P.text_completion(
+                        rid, req.model, adapter, [{"index": 0, "text": d, "finish_reason": None, "logprobs": None}],
+                        None))):
                     return
-                finally:
-                    stream.close()
                 reason = stream.result.finish_reason if stream.result else "stop"
                 yield _sse(P.text_completion(rid, req.model, adapter, [{"index": 0, "text": "", "finish_reason": reason,
                                                                         "logprobs": None}], None))

@@ -60,8 +60,14 @@ def build_accelerator(precision: str):
     return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
 
 
-def prepare_run_dir(cfg: RunConfig, *, is_main: bool) -> tuple[Path, Path | None]:
+def prepare_run_dir(cfg: RunConfig, *, is_main: bool, artifacts: tuple[str, ...] = RUN_ARTIFACTS,
+                    required: tuple[str, ...] = (STATE_FILE,), kind: str = "loraforge") -> tuple[Path, Path | None]:
     """The run dir, and the checkpoint to resume from (None for a fresh run).
+
+    Args:
+        artifacts: the files a finished run leaves in the run dir (removed when overwriting).
+        required: the files a checkpoint dir must hold to be resumable.
+        kind: names the checkpoint in errors (the image recipe passes its own files and name).
 
     Raises:
         ConfigError: resuming without a checkpoint, or starting over a previous run without overwrite.
@@ -77,18 +83,18 @@ def prepare_run_dir(cfg: RunConfig, *, is_main: bool) -> tuple[Path, Path | None
                                            value="latest", fix="remove resume_from_checkpoint to start a new run")])
         else:
             ckpt = Path(cfg.resume_from_checkpoint)
-            if not (ckpt / STATE_FILE).is_file():
+            if not all((ckpt / f).is_file() for f in required):
                 found = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
-                raise ConfigError([Problem("resume_from_checkpoint", "not a complete loraforge checkpoint",
+                raise ConfigError([Problem("resume_from_checkpoint", f"not a complete {kind} checkpoint",
                                            value=str(ckpt), allowed=f"`latest` or one of: {found}")])
         return run_dir, ckpt
-    previous = [a for a in RUN_ARTIFACTS if (run_dir / a).exists()] + [p.name for p in list_checkpoints(run_dir)]
+    previous = [a for a in artifacts if (run_dir / a).exists()] + [p.name for p in list_checkpoints(run_dir)]
     if previous and not cfg.overwrite_output_dir:
         raise ConfigError([Problem("output_dir", "already holds a training run", value=str(run_dir),
                                    fix="continue it with `resume_from_checkpoint: latest`, start over with "
                                        "`overwrite_output_dir: true`, or pick another output_dir")])
     if previous and is_main:
-        for p in [run_dir / a for a in RUN_ARTIFACTS] + list_checkpoints(run_dir):
+        for p in [run_dir / a for a in artifacts] + list_checkpoints(run_dir):
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, None
