@@ -224,7 +224,8 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
     val_loss = total.item() / max(tokens, 1)
     record = {"step": state.global_step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
     if cfg.eval_generation_metric and accelerator.is_main_process:
-        record.update(setup.score_generations(accelerator.unwrap_model(loss_model).model, cfg))
+        with accelerator.autocast():  # as in training: frozen LoRA base weights may be stored in bf16
+            record.update(setup.score_generations(accelerator.unwrap_model(loss_model).model, cfg))
     logger.log(record)
     state.history.append({"step": state.global_step, "val_loss": val_loss})
     logger.write(f"step {state.global_step}: val_loss {val_loss:.4f}")

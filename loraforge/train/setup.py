@@ -238,6 +238,13 @@ def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str],
         # packed rows: attention per example (Σ L² work) instead of one masked T² block over the whole row
         model.set_attn_implementation(register_varlen_attention())
     model = apply_method(model, cfg)
+    if cfg.method == "lora" and cfg.fused_lora_dropout:
+        from loraforge.methods.lora_dropout import fuse_lora_dropout
+
+        fuse_lora_dropout(model)  # PEFT's math, without keeping each layer's dropped-out input
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.precision))
+    if cfg.method == "lora" and not cfg.use_dora and compute_dtype is not None:
+        cast_frozen_linears(model, compute_dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -258,6 +265,27 @@ def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str],
     else:
         loss = SeqLoss(model)
     return model, loss, report
+
+
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen linear weights (and biases) in the autocast dtype; returns how many layers were cast.
+
+    Autocast casts a frozen fp32 weight at every use (its cast cache holds only leaves that require grad), so
+    this gives the very same matmuls without the per-step casts (measured: 3.5% faster SmolLM2 LoRA steps on
+    CPU). Only for adapter training: the base weights are never saved. Weights shared with an embedding (a tied
+    LM head) stay fp32, since the embedding output starts the fp32 residual stream.
+    """
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    cast = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module.weight.requires_grad or id(module.weight) in embedding_params \
+                or (module.bias is not None and module.bias.requires_grad):
+            continue
+        module.weight.data = module.weight.data.to(dtype)
+        if module.bias is not None:
+            module.bias.data = module.bias.data.to(dtype)
+        cast += 1
+    return cast
 
 
 @dataclass
