@@ -3,8 +3,9 @@
 Returning the *sum* of token losses (not the mean) lets the loop normalize by the number of trained tokens in
 the whole optimizer step — across micro-batches and processes — so accumulation N × batch B equals batch N·B.
 
-Chunked loss: the LM head and cross-entropy run only on positions that have a label, a chunk at a time, under
-activation checkpointing, so the `[tokens × vocab]` fp32 logits tensor never exists (for SmolLM2 at 4 × 512
+Chunked loss: the LM head and cross-entropy run only on positions that have a label, a chunk at a time, with
+the chunk's gradients computed at once (or, for a head that is not a plain Linear, under activation
+checkpointing), so the `[tokens × vocab]` fp32 logits tensor never exists (for SmolLM2 at 4 × 512
 tokens that tensor alone is 4·512·49152·4 B ≈ 400 MB, plus as much again for its gradient).
 """
 
@@ -73,16 +74,65 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
     target = labels[:, 1:].reshape(-1)
     keep = target != IGNORE_INDEX
     h, target = h[keep], target[keep]  # prompt and padding positions never reach the LM head
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+    if needs_grad and type(head) is nn.Linear:
+        return _FusedLinearCrossEntropy.apply(h, head.weight, head.bias, target, chunk_tokens), keep.sum()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_tokens):
-        # checkpoint: the chunk's logits are freed after forward and recomputed in backward
-        total = total + checkpoint(_head_ce, head, h[start:start + chunk_tokens], target[start:start + chunk_tokens],
-                                   use_reentrant=False)
+        chunk = (head, h[start:start + chunk_tokens], target[start:start + chunk_tokens])
+        # checkpoint (any other head, e.g. one LoRA adapts): the chunk's logits are freed after forward and
+        # recomputed in backward
+        total = total + (checkpoint(_head_ce, *chunk, use_reentrant=False) if needs_grad else _head_ce(*chunk))
     return total, keep.sum()
 
 
 def _head_ce(head: nn.Module, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), target, reduction="sum")
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Σ cross_entropy(h Wᵀ + b, target) with its gradients computed chunk by chunk during forward.
+
+    The chunk's logits are turned into d loss / d logits (softmax − one-hot) at once and contracted with W
+    (and h, when W trains), so they are never kept or recomputed: one LM-head matmul fewer than checkpointing
+    per chunk. Under autocast the matmuls run in the autocast dtype and the softmax in fp32, as
+    `F.cross_entropy(head(h).float(), ...)` does.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_tokens):
+            hc, tc = h[start:start + chunk_tokens].to(dtype), target[start:start + chunk_tokens]
+            logits = F.linear(hc, w, b).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            d_logits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+            d_logits = d_logits.to(dtype)
+            if grad_h is not None:
+                grad_h[start:start + chunk_tokens] = d_logits.matmul(w).to(h.dtype)
+            if grad_w is not None:
+                grad_w += d_logits.t().matmul(hc).float()
+            if grad_b is not None:
+                grad_b += d_logits.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = lambda g, dt=None: None if g is None else (g * grad_out).to(dt or g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w, ctx.dtypes[0]), scale(grad_b, ctx.dtypes[1]), None, None
 
 
 def _split_head(model: nn.Module):
