@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 VARLEN = "loraforge_varlen"
+# torch's CPU flash-attention kernel is faster in fp32 than in bf16 on short sequences (measured forward +
+# backward, 9 query / 3 key-value heads of 64, one thread: 2.1 vs 4.0 ms at 128 tokens, 6.9 vs 8.8 at 256,
+# 16.4 vs 17.4 at 384, even at 512), so under CPU autocast segments up to this length attend in fp32 — also
+# the more accurate choice. Key/value heads are shared through `enable_gqa` rather than repeated (copies).
+CPU_FP32_MAX_LEN = 512
 
 
 def register_varlen_attention() -> str:
@@ -64,12 +69,18 @@ def varlen_attention_forward(module: "nn.Module", query: "torch.Tensor", key: "t
         # not a packed training row (several rows, generation with a cache, ...): plain sdpa with its mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout,
-                                            scale=scaling, is_causal=True) for s, e in segments]
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention: one key/value head serves several query heads
+    upcast = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
+
+    def attend(s: int, e: int) -> "torch.Tensor":
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        if upcast and e - s <= CPU_FP32_MAX_LEN:
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
+                                             enable_gqa=gqa)
+        return out.to(query.dtype)
+
+    parts = [attend(s, e) for s, e in segments]
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
 
