@@ -1,0 +1,212 @@
+"""The speed/memory kernels compute what the plain path computes: LoRA dropout as a mask (methods/lora_dropout.py),
+the fused LM-head cross-entropy under autocast (train/loss.py), fp32 varlen attention under bf16 autocast
+(train/attention.py), frozen LoRA base weights stored in the autocast dtype (train/setup.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraforge.methods.lora_dropout import DropoutLinear, fuse_lora_dropout, keep_mask
+
+
+def tiny_model(family: str, **overrides):
+    """A tiny random causal LM (hidden 32, 2 layers), seeded."""
+    from transformers import AutoModelForCausalLM
+
+    from loraforge.models.tiny import tiny_config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(family, 100, **overrides))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _dropout_reference(x, weight, p, seed):
+    """PEFT's composition lora_A(dropout(x)) with the mask DropoutLinear draws for `seed`."""
+    torch.manual_seed(seed)
+    keep = keep_mask(x.shape, p, x.device).to(x.dtype)
+    return F.linear(x * keep / (1 - p), weight)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_linear_equals_dropout_then_linear(p):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 17, 24, generator=g)
+    w0 = torch.randn(4, 24, generator=g)
+    lin = nn.Linear(24, 4, bias=False)
+    lin.weight.data.copy_(w0)
+    fused = DropoutLinear.wrap(lin, p).train()
+    assert fused.weight is lin.weight  # one Parameter: the optimizer and the saved adapter see the same tensor
+
+    x = x0.clone().requires_grad_()
+    torch.manual_seed(7)
+    y = fused(x)
+    (y * torch.arange(4.0)).sum().backward()
+
+    xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    yr = _dropout_reference(xr, wr, p, seed=7)
+    (yr * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lin.weight.grad, wr.grad, rtol=1e-5, atol=1e-5)
+    assert x.grad.eq(0).float().mean().item() == pytest.approx(p, abs=0.1)  # dropped inputs get no gradient
+
+
+def test_dropout_linear_under_bf16_autocast_matches_the_autocast_composition():
+    g = torch.Generator().manual_seed(1)
+    x0, w0 = torch.randn(64, 32, generator=g), torch.randn(8, 32, generator=g)
+    lin = nn.Linear(32, 8, bias=False)
+    lin.weight.data.copy_(w0)
+    fused = DropoutLinear.wrap(lin, 0.1).train()
+    x = x0.clone().requires_grad_()
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fused(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yr = _dropout_reference(xr, wr, 0.1, seed=3)
+    yr.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and lin.weight.grad.dtype == torch.float32
+    # bf16 rounds at other points (the 1/(1-p) scale is applied after the matmul): equal to bf16 precision
+    assert rel_err(y.float(), yr.float()) < 1e-2
+    assert rel_err(x.grad, xr.grad) < 1e-2 and rel_err(lin.weight.grad, wr.grad) < 1e-2
+
+
+def test_keep_mask_rate_independence_and_seed():
+    torch.manual_seed(0)
+    a = keep_mask(torch.Size([1000, 1000]), 0.05, torch.device("cpu"))
+    b = keep_mask(torch.Size([1000, 1000]), 0.05, torch.device("cpu"))
+    assert a.dtype == torch.uint8
+    assert a.float().mean().item() == pytest.approx(0.95, abs=1e-3)
+    both = (a.bool() & b.bool()).float().mean().item()
+    assert both == pytest.approx(0.95 ** 2, abs=1e-3)  # independent draws, not one mask reused
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(torch.Size([1000, 1000]), 0.05, torch.device("cpu")), a)  # reproducible
+
+
+def test_fuse_lora_dropout_keeps_keys_eval_outputs_and_plain_peft_loading(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                           target_modules="all-linear", init_lora_weights=False))
+    keys = set(model.state_dict())
+    ids = torch.randint(0, 100, (2, 9))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert fuse_lora_dropout(model) == 7 * model.config.num_hidden_layers
+    assert fuse_lora_dropout(model) == 0  # idempotent
+    assert set(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)  # eval: no dropout either way
+    model.train()
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, before)  # train: dropout is on
+    model.save_pretrained(tmp_path)
+    fresh = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, before)
+
+
+def test_fuse_lora_dropout_leaves_p0_and_dora_to_peft():
+    from peft import LoraConfig, get_peft_model
+
+    assert fuse_lora_dropout(get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_dropout=0.0,
+                                                                           target_modules=["q_proj"]))) == 0
+    assert fuse_lora_dropout(get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_dropout=0.1, use_dora=True,
+                                                                           target_modules=["q_proj"]))) == 0
+
+
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_fused_head_loss_under_bf16_autocast_matches_checkpointed_chunks(trainable_head):
+    from loraforge.train.loss import _head_ce, chunked_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden0 = torch.randn(2, 40, 32, generator=g)
+    labels = torch.randint(0, 300, (2, 40), generator=g)
+    labels[0, :10] = -100
+    head = nn.Linear(32, 300, bias=False)
+    head.weight.data.copy_(torch.randn(300, 32, generator=g) * 0.2)
+    head.weight.requires_grad_(trainable_head)
+
+    hidden = hidden0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, n = chunked_lm_loss(hidden, head, labels, chunk_tokens=16)
+    fused.backward()
+    g_fused = (hidden.grad.clone(), head.weight.grad.clone() if trainable_head else None)
+    head.weight.grad = None
+
+    # the reference: plain autocast head + fp32 cross-entropy over the same positions
+    ref_hidden = hidden0.clone().requires_grad_()
+    h = ref_hidden[:, :-1].reshape(-1, 32)
+    t = labels[:, 1:].reshape(-1)
+    keep = t != -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _head_ce(head, h[keep], t[keep])
+    ref.backward()
+    assert n.item() == keep.sum().item()
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-3)
+    # the weight gradient sums chunks in fp32 where the reference takes one bf16 matmul: bf16-close
+    assert rel_err(g_fused[0], ref_hidden.grad) < 1e-2
+    if trainable_head:
+        assert rel_err(g_fused[1], head.weight.grad) < 1e-2
+
+
+def test_head_loss_without_grad_computes_no_gradients():
+    from loraforge.train.loss import chunked_lm_loss, lm_loss_sum
+
+    hidden, head = torch.randn(1, 12, 8), nn.Linear(8, 20, bias=False)
+    labels = torch.randint(0, 20, (1, 12))
+    with torch.no_grad():
+        loss, _ = chunked_lm_loss(hidden, head, labels, chunk_tokens=5)
+        plain, _ = lm_loss_sum(head(hidden), labels)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_attention_under_bf16_autocast_matches_each_example_alone():
+    from loraforge.train.attention import varlen_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 11, 7]
+    q = torch.randn(1, 6, sum(lengths), 16, generator=g).to(torch.bfloat16)
+    k = torch.randn(1, 2, sum(lengths), 16, generator=g).to(torch.bfloat16)  # grouped-query: 3 query heads per kv
+    v = torch.randn(1, 2, sum(lengths), 16, generator=g).to(torch.bfloat16)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    out, _ = varlen_attention_forward(nn.Module(), q, k, v, None, scaling=0.25, position_ids=pos)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, sum(lengths), 6, 16)
+    start = 0
+    for n in lengths:
+        s = slice(start, start + n)
+        ref = F.scaled_dot_product_attention(q[:, :, s].float(), k[:, :, s].float().repeat_interleave(3, 1),
+                                             v[:, :, s].float().repeat_interleave(3, 1), is_causal=True, scale=0.25)
+        torch.testing.assert_close(out[0, s].float(), ref.transpose(1, 2)[0], rtol=1e-2, atol=1e-2)
+        start += n
+
+
+def test_frozen_linears_are_stored_in_the_compute_dtype_except_tied_heads():
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.train.setup import cast_frozen_linears
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", tie_word_embeddings=True), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                                     init_lora_weights=False))
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits
+    n = cast_frozen_linears(model, torch.bfloat16)
+    base = model.get_base_model()
+    assert n > 0 and base.lm_head.weight.dtype == torch.float32  # tied to the fp32 embedding
+    assert base.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # adapters stay fp32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)  # the very same matmuls
