@@ -54,7 +54,10 @@ def test_task_type_trains_end_to_end_with_lora(task, tmp_path, root):
 
     from loraforge.models.loader import AUTO_CLASSES
 
-    result, model_dir, losses = _run(tmp_path, root, task, "lora")
+    # The contrastive loss (temperature 0.05) with LoRA dropout on diverges at 5e-2 for some dropout draws
+    # (measured with PEFT's dropout and with the fused one alike); 1e-2 falls steadily.
+    kw = {"learning_rate": 1e-2} if task == "FEATURE_EXTRACTION" else {}
+    result, model_dir, losses = _run(tmp_path, root, task, "lora", **kw)
     assert result.global_step == 6 and len(losses) == 6 and all(map(lambda x: x == x, losses))
     assert losses[-1] < losses[0]
     run = json.loads((result.run_dir / "run.json").read_text())

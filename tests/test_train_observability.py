@@ -102,6 +102,7 @@ def test_run_json(full_run):
     assert info["total_params"] > info["trainable_params"] and info["precision"] == "fp32"
     assert info["data"]["examples"] == 16 and info["data"]["val_examples"] == 4
     assert info["best_step"] in (3, 6) and info["final_loss"] == pytest.approx(train_losses(out)[STEPS])
+    assert info["cpu_malloc_tuned"] is True  # Linux/glibc here: the allocator tuning was applied
 
 
 def _plain_peft_val_loss(base_dir, adapter_dir, examples) -> float:

@@ -32,13 +32,9 @@ class DropoutLinear(nn.Linear):
         """A DropoutLinear that shares `linear`'s weight (the optimizer and the saved adapter see one tensor)."""
         if linear.bias is not None:
             raise ValueError("DropoutLinear is for LoRA's bias-free lora_A")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features, new.p = linear.in_features, linear.out_features, float(p)
-        new.weight = linear.weight
-        new.register_parameter("bias", None)
-        new.train(linear.training)
-        return new
+        new = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        new.weight, new.p = linear.weight, float(p)
+        return new.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:

@@ -51,12 +51,13 @@ class TrainResult:
 def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune as `cfg` says and write the run dir (see docs/ARCHITECTURE.md for its contract)."""
     from loraforge.train.setup import (build_accelerator, build_data, build_model, prepare_run_dir,
-                                       resolve_precision, save_final, step_plan, write_run_json)
+                                       resolve_precision, save_final, step_plan, tune_cpu_malloc, write_run_json)
     from loraforge.train.optim import build_optimizer, build_scheduler
 
     t_start = time.time()
     precision = resolve_precision(cfg.precision)
     accelerator = build_accelerator(precision)
+    malloc_tuned = cfg.tune_cpu_malloc and accelerator.device.type == "cpu" and tune_cpu_malloc()
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
@@ -188,7 +189,8 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
         if cfg.plot_loss:
             plot_loss(state.history, run_dir / "loss.png")
         write_run_json(cfg, run_dir, state, setup, report, precision=precision, seconds=time.time() - t_start,
-                       first_step_s=t_first_step, final_loss=last_loss, stopped_early=stopped_early)
+                       first_step_s=t_first_step, final_loss=last_loss, stopped_early=stopped_early,
+                       cpu_malloc_tuned=malloc_tuned)
         say(f"done: {state.global_step} steps, final loss {last_loss:.4f}" if last_loss is not None else "done")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.global_step, last_loss, state.best_val_loss, stopped_early, is_main=main)
