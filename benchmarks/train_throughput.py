@@ -11,7 +11,7 @@ Timing is taken with a global optimizer-step hook (identical for both engines):
 * tokens/s: real (non-padding) tokens of steps 2..N / the time from the end of step 1 to the end of step N;
 * first step: seconds from process start (before `import torch`) to the end of the first optimizer step.
 
-    OMP_NUM_THREADS=2 python benchmarks/train_throughput.py            # defaults: 10 steps, 2 repeats
+    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --steps 10 --repeats 2   # as in BENCHMARKS.md
     python benchmarks/train_throughput.py --variant padded:batching=padded,chunked_loss=false
 
 Extra `--variant NAME:key=value,...` runs add loraforge configurations (config keys) to the table: the ladder

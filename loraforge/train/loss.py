@@ -33,6 +33,10 @@ class CausalLMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.chunked = chunked and _split_head(model) is not None
 
+    def backbone_and_head(self):
+        """(backbone, LM head) when the loss calls them separately (the fused path), else None."""
+        return _split_head(self.model) if self.chunked else None
+
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
         if self.chunked:
             backbone, head = _split_head(self.model)

@@ -276,8 +276,6 @@ def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str],
     if problems:
         raise ConfigError(problems, title="the built model does not train what the config asks for")
     say(report.table())
-    if cfg.torch_compile:
-        model = torch.compile(model)
     if cfg.task_type is TaskType.CAUSAL_LM:
         loss = CausalLMLoss(model, chunked=cfg.chunked_loss)
     elif cfg.task_type is TaskType.FEATURE_EXTRACTION:
@@ -286,7 +284,23 @@ def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str],
         loss = ContrastiveLoss(model)
     else:
         loss = SeqLoss(model)
+    if cfg.torch_compile:
+        compiled = compile_in_place(loss)
+        say(f"torch.compile: {type(compiled).__name__} (compiled on its first steps; each new shape recompiles)")
     return model, loss, report
+
+
+def compile_in_place(loss: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile` the module the loss really calls, in place; returns it.
+
+    In place (`Module.compile`), not `torch.compile(model)`: a wrapper would prefix every state-dict key with
+    `_orig_mod.`, and the fused LM-head loss never calls the model's own forward: it calls the backbone and
+    the head separately, so compiling the whole model would silently compile nothing.
+    """
+    split = getattr(loss, "backbone_and_head", lambda: None)()
+    target = split[0] if split is not None else loss.model
+    target.compile()
+    return target
 
 
 def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
