@@ -40,7 +40,7 @@ MiB = 2**20
 # of the measured peak for the real training loop in fp32 and -10% for a bf16-autocast loop.
 ALLOCATOR_SLACK = 0.15
 CUDA_CONTEXT_BYTES = 500 * MiB
-LOSS_CHUNK_TOKENS = 1024  # CausalLMLoss's default chunk_tokens
+LOSS_CHUNK_TOKENS = 128  # = loraforge.train.loss.DEFAULT_CHUNK_TOKENS (not imported: no torch here)
 
 
 @dataclass

@@ -75,7 +75,7 @@ def test_memory_terms_follow_the_config(tiny_llama, data_file):
     plain = est()
     assert plain.total_params == 134_515_008 + plain.trainable_params  # SmolLM2, tied embeddings counted once
     assert plain.weights_bytes == 134_515_008 * 4  # fp32 on CPU
-    # chunked: at most 1024 labelled positions' logits at once; unchunked: all [tokens × vocab] of them
+    # chunked: at most LOSS_CHUNK_TOKENS labelled positions' logits at once; unchunked: all of them
     assert est(batch_size=16, chunked_loss=False).loss_bytes >= 3.5 * est(batch_size=16).loss_bytes
     assert est(gradient_checkpointing=True).activation_bytes < plain.activation_bytes / 5
     assert est(precision="bf16").weight_cast_bytes > 100 * MiB  # bf16 copies of the frozen linear weights
@@ -83,6 +83,13 @@ def test_memory_terms_follow_the_config(tiny_llama, data_file):
     assert est(batch_size=8).activation_bytes == pytest.approx(2 * plain.activation_bytes, rel=0.01)
     text = format_estimate(plain)
     assert "trainable params: 460,800" in text and "total" in text and "data p90" in text
+
+
+def test_estimate_uses_the_loss_chunk_size_training_uses():
+    from loraforge.estimate import LOSS_CHUNK_TOKENS
+    from loraforge.train.loss import DEFAULT_CHUNK_TOKENS
+
+    assert LOSS_CHUNK_TOKENS == DEFAULT_CHUNK_TOKENS
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The speed/memory kernels compute what the plain path computes: LoRA dropout as a mask (methods/lora_dropout.py),
 the fused LM-head cross-entropy under autocast (train/loss.py), fp32 varlen attention under bf16 autocast
-(train/attention.py), frozen LoRA base weights stored in the autocast dtype (train/setup.py)."""
+(train/attention.py), frozen LoRA base weights stored in the autocast dtype and LoRA inputs left in theirs
+(train/setup.py)."""
 
 from __future__ import annotations
 
@@ -210,6 +211,52 @@ def test_frozen_linears_are_stored_in_the_compute_dtype_except_tied_heads():
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # adapters stay fp32
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)  # the very same matmuls
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_lora_layers_keeping_their_input_dtype_give_the_same_loss_and_gradients(dropout):
+    """PEFT's fp32 cast of a bf16 input (o_proj's, down_proj's) is exact and undone by autocast: skipping it changes
+    no number, forward or backward (fused dropout, or none)."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.train.setup import cast_frozen_linears, keep_lora_input_dtype
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout,
+                                                           init_lora_weights=False))
+    fuse_lora_dropout(model)
+    cast_frozen_linears(model, torch.bfloat16)
+    ids = torch.randint(0, 100, (2, 9))
+    seen = []
+    down = model.get_base_model().model.layers[0].mlp.down_proj
+    hook = down.lora_A["default"].register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+
+    def loss_and_grads():
+        torch.manual_seed(1)  # the same dropout masks for both passes
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads()
+    assert keep_lora_input_dtype(model) == 14  # 7 linear layers × 2 blocks
+    loss2, grads2 = loss_and_grads()
+    hook.remove()
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads2[name], grad, rtol=0, atol=0, msg=name)
+    assert all(g.abs().sum() > 0 for g in grads.values())  # every adapter weight got a gradient
+    assert seen == [torch.float32, torch.bfloat16]  # PEFT cast the bf16 input up; now it goes in as it came
+
+
+def test_lora_layers_with_peft_dropout_keep_peft_input_cast():
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.train.setup import keep_lora_input_dtype
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+    assert keep_lora_input_dtype(model) == 0  # nn.Dropout would draw another mask for a bf16 input
 
 
 def test_tuned_malloc_reuses_freed_memory_instead_of_page_faulting_it_in_again():

@@ -24,10 +24,16 @@ def trained_token_count(labels: list[int]) -> int:
     return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
 
 
+# Labelled positions per LM-head chunk. Small chunks keep each chunk's [chunk × vocab] fp32 logits under glibc's
+# mmap threshold, so they are reused from the heap instead of page-faulted in again (measured on SmolLM2 under
+# bf16, one thread: 128 → 0.86 s per 1,010 tokens, 1024 → 1.05 s; 32 is slower again).
+DEFAULT_CHUNK_TOKENS = 128
+
+
 class CausalLMLoss(nn.Module):
     """Wraps a causal LM (plain or PEFT). `forward(**batch) -> (sum of token losses, number of tokens)`."""
 
-    def __init__(self, model: nn.Module, *, chunked: bool = True, chunk_tokens: int = 1024):
+    def __init__(self, model: nn.Module, *, chunked: bool = True, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens

@@ -48,9 +48,11 @@ def tune_cpu_malloc() -> bool:
 
     PyTorch has no caching allocator for CPU tensors: every activation is a malloc, and glibc returns large
     freed blocks to the kernel, so each step page-faults its activations in again (measured on SmolLM2 LoRA,
-    4 × 512 tokens, one thread: 12 s of 74 in the kernel). With blocks up to 1 GiB served from the heap and up
-    to 2 GiB of free heap kept, the step is 13% faster for +1.6% peak RSS. Process-wide, like `jemalloc`
-    preloading that CPU training guides recommend; Linux with glibc only, a no-op elsewhere.
+    4 × 512 tokens, one thread: 12 s of 74 in the kernel, most of it the 200 MB logits of 1,024-token LM-head
+    chunks). With blocks up to 1 GiB served from the heap and up to 2 GiB of free heap kept, that step was 13%
+    faster. With 128-token chunks (the default since) the gain is within noise and peak RSS grows ~2%, so it is
+    opt-in (see BENCHMARKS.md). Process-wide, like the `jemalloc` preloading CPU training guides recommend;
+    Linux with glibc only, a no-op elsewhere.
     """
     import ctypes
     import sys
@@ -267,6 +269,7 @@ def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str],
     compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.precision))
     if cfg.method == "lora" and not cfg.use_dora and compute_dtype is not None:
         cast_frozen_linears(model, compute_dtype)
+        keep_lora_input_dtype(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -322,6 +325,25 @@ def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
             module.bias.data = module.bias.data.to(dtype)
         cast += 1
     return cast
+
+
+def keep_lora_input_dtype(model: torch.nn.Module) -> int:
+    """Let LoRA layers take their input in the dtype it arrives in (for training under autocast only).
+
+    PEFT casts a LoRA layer's input to the adapter weights' dtype (fp32) before `lora_A`; under autocast the
+    matmul casts it straight back, so a bf16 input (o_proj's, down_proj's) makes two full-size copies forward,
+    two more backward, and autograd keeps the fp32 copy. bf16 → fp32 → bf16 is exact: same numbers, fewer
+    passes over memory. Only layers whose dropout is identity (p = 0, or fused into DropoutLinear): PEFT's own
+    dropout would draw a different mask for a bf16 tensor. Returns how many layers were changed.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()):
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed
 
 
 @dataclass
