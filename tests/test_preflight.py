@@ -11,6 +11,7 @@ import pytest
 from loraforge.config import config_from_dict
 from loraforge.errors import ConfigError, LoraforgeError
 from loraforge.preflight import PreflightError, run_preflight
+from test_train_helpers import build
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +85,6 @@ def test_model_and_data_problems_are_reported_together(tmp_path):
 
 
 # ------------------------------------------------------------------------- trainable parameters are verified
-
-def build(cfg, tiny_llama):
-    from loraforge.models.loader import load_tokenizer
-    from loraforge.train.setup import build_model
-
-    return build_model(cfg, tiny_llama, load_tokenizer(tiny_llama), lambda _m: None)
-
 
 def test_freeze_flag_parsed_but_never_applied_refuses_to_train(tiny_llama, data_file, monkeypatch):
     """The known failure elsewhere: `freeze` parsed but not applied, so every layer trains. Simulated by a method

@@ -6,18 +6,12 @@ The fused LM-head loss calls the backbone and the head separately, so compiling 
 
 import pytest
 
-from test_train_helpers import (adapter, assert_losses_close, max_weight_diff, rows_file, run,  # noqa: F401
-                                tiny_llama, train_losses)
+from test_train_helpers import (adapter, assert_losses_close, build, make_cfg, max_weight_diff,  # noqa: F401
+                                rows_file, run, tiny_llama, train_losses)
 
 
 def _built(tiny_llama, rows_file, tmp_path, **overrides):
-    from test_train_helpers import make_cfg
-
-    from loraforge.models.loader import load_tokenizer
-    from loraforge.train.setup import build_model
-
-    cfg = make_cfg(tiny_llama, rows_file, tmp_path, torch_compile=True, **overrides)
-    return build_model(cfg, tiny_llama, load_tokenizer(tiny_llama), lambda _m: None)
+    return build(make_cfg(tiny_llama, rows_file, tmp_path, torch_compile=True, **overrides), tiny_llama)
 
 
 def test_compile_targets_the_backbone_on_the_fused_loss_path(tiny_llama, rows_file, tmp_path):

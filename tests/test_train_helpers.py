@@ -64,6 +64,14 @@ def make_cfg(model_dir: Path, data: Path, out: Path, **overrides: Any):
     return config_from_dict(base)
 
 
+def build(cfg, model_dir: Path):
+    """`build_model` for `cfg` on `model_dir`, quietly: (model, loss module, trainable report)."""
+    from loraforge.models.loader import load_tokenizer
+    from loraforge.train.setup import build_model
+
+    return build_model(cfg, model_dir, load_tokenizer(model_dir), lambda _m: None)
+
+
 def run(model_dir: Path, data: Path, out: Path, **overrides: Any):
     """Train in this process; returns the TrainResult."""
     from loraforge.train.loop import train

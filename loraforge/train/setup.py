@@ -300,7 +300,9 @@ def compile_in_place(loss: torch.nn.Module) -> torch.nn.Module:
     `_orig_mod.`, and the fused LM-head loss never calls the model's own forward: it calls the backbone and
     the head separately, so compiling the whole model would silently compile nothing.
     """
-    split = getattr(loss, "backbone_and_head", lambda: None)()
+    from loraforge.train.loss import CausalLMLoss
+
+    split = loss.backbone_and_head() if isinstance(loss, CausalLMLoss) else None
     target = split[0] if split is not None else loss.model
     target.compile()
     return target
