@@ -22,14 +22,14 @@ mapped by transformers, so they are counted once (not twice during loading).
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from loraforge.config import RunConfig, TaskType
+from loraforge.methods.base import ModelShape, ParamEstimate, layer_index
 
 if TYPE_CHECKING:
     from torch import nn
@@ -78,46 +78,74 @@ class Estimate:
 def estimate_memory(cfg: RunConfig, *, baseline_bytes: int | None = None, device: str | None = None) -> Estimate:
     """Estimate parameters and peak training memory for `cfg` without loading weights.
 
+    What trains and what the method adds come from the method's record (`Method.estimate_params`); the memory
+    terms from the shapes, the data and the precision.
+
     Args:
         cfg: the run config.
         baseline_bytes: framework overhead to use instead of measuring it in a fresh Python process.
         device: `cpu` or `cuda` (default: cuda when available).
 
     Raises:
-        ModelError / PreflightError: the model cannot be resolved or does not fit the config.
+        ModelError / PreflightError / ConfigError: the model cannot be resolved or does not fit the config.
     """
     import torch
 
-    from loraforge.models.discovery import load_hf_config, meta_model, resolve_target_modules
+    from loraforge.methods import method_for
     from loraforge.models.gguf import resolve_model_path
-    from loraforge.train.setup import resolve_precision
+    from loraforge.train.precision import resolve_precision
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = resolve_model_path(cfg.base_model)
-    hf_config = load_hf_config(model_dir, cfg.trust_remote_code)
-    task = cfg.task_type if cfg.task_type is not TaskType.TEXT_TO_IMAGE else TaskType.CAUSAL_LM
-    model = meta_model(hf_config, task, trust_remote_code=cfg.trust_remote_code)
+    shape = model_shape(cfg, model_dir, device)
     precision = resolve_precision(cfg.precision) if device == "cpu" or cfg.precision != "auto" else \
         ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    dims = _dims(hf_config)
-
-    params = _unique_params(model)
-    total = sum(p.numel() for p in params.values())
-    linears = _linears(model)
-    adapted = _adapted_linears(cfg, hf_config, model, linears, resolve_target_modules)
-    trainable_names, extra_params = _trainable(cfg, model, params, linears, adapted, dims)
-    trainable_base = sum(params[n].numel() for n in trainable_names)
-    trainable = trainable_base + extra_params
-    total_all = total + extra_params  # PEFT counts adapter weights in the total too
-
-    w_bytes = _dtype_bytes(cfg.torch_dtype, device)
-    weights = _weights_bytes(cfg, params, linears, w_bytes)
+    method = method_for(cfg).estimate_params(cfg, shape)
+    params, dims, w_bytes = shape.params, shape.dims, shape.weight_bytes
+    adapted = list(method.adapted)
+    trainable_base = sum(params[n] for n in method.trainable_base)
+    total = sum(params.values())
+    weights = method.weights_bytes if method.weights_bytes is not None else total * w_bytes
     # Adapter / prompt weights are fp32 (PEFT keeps them so); base parameters that train use their own dtype.
-    state = extra_params * (4 + 4 + 8) + trainable_base * (w_bytes + 2 * w_bytes)
+    state = method.new_params * (4 + 4 + 8) + trainable_base * (w_bytes + 2 * w_bytes)
 
     tokens, labelled, source = _tokens_per_batch(cfg, model_dir)
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
-    layers_with_graph = _layers_with_graph(cfg, dims, adapted, trainable_names)
+    activations, casts = _activation_bytes(cfg, shape, method, tokens, act_bytes)
+    loss = _loss_bytes(cfg, dims, tokens, labelled, act_bytes, fused=method.fused_lm_head)
+    overhead = CUDA_CONTEXT_BYTES if device == "cuda" else (baseline_bytes if baseline_bytes is not None
+                                                            else measure_baseline_rss(model_dir))
+    slack = int(ALLOCATOR_SLACK * (activations + casts + loss + state))
+    est = Estimate(
+        model_type=str(getattr(shape.hf_config, "model_type", "?")), method=cfg.method, device=device,
+        precision=precision, total_params=total + method.new_params,  # PEFT counts adapter weights in the total
+        trainable_params=trainable_base + method.new_params, adapted_modules=sorted({l["leaf"] for l in adapted}),
+        tokens_per_batch=tokens, length_source=source, weights_bytes=int(weights), trainable_state_bytes=state,
+        activation_bytes=int(activations), weight_cast_bytes=casts, loss_bytes=int(loss), overhead_bytes=overhead,
+        slack_bytes=slack,
+    )
+    if cfg.attn_implementation == "eager":
+        est.notes.append("eager attention keeps [heads × T × T] scores per layer: included in activations")
+    return est
+
+
+def model_shape(cfg: RunConfig, model_dir: Path, device: str) -> ModelShape:
+    """The meta-device build of the model, summarized for the method's estimate (no weights read)."""
+    from loraforge.models.discovery import load_hf_config, meta_model
+
+    hf_config = load_hf_config(model_dir, cfg.trust_remote_code)
+    task = cfg.task_type if cfg.task_type is not TaskType.TEXT_TO_IMAGE else TaskType.CAUSAL_LM
+    model = meta_model(hf_config, task, trust_remote_code=cfg.trust_remote_code)
+    return ModelShape(hf_config=hf_config, model=model, params=_unique_params(model), linears=_linears(model),
+                      dims=_dims(hf_config), weight_bytes=_dtype_bytes(cfg.torch_dtype, device))
+
+
+def _activation_bytes(cfg: RunConfig, shape: ModelShape, method: ParamEstimate, tokens: int,
+                      act_bytes: int) -> tuple[int, int]:
+    """(activations autograd keeps for one micro-batch, autocast copies of frozen linear weights)."""
+    dims, w_bytes, linears = shape.dims, shape.weight_bytes, shape.linears
+    adapted, trainable_names = list(method.adapted), set(method.trainable_base)
+    layers_with_graph = _layers_with_graph(dims, adapted, trainable_names, all_layers=method.every_layer_needs_grad)
     per_layer = _layer_bytes_per_token(cfg, dims, adapted, linears, trainable_names, act_bytes)
     if cfg.gradient_checkpointing:
         # Each layer keeps only its input; backward recomputes one layer at a time.
@@ -131,20 +159,7 @@ def estimate_memory(cfg: RunConfig, *, baseline_bytes: int | None = None, device
         share = layers_with_graph / max(dims["layers"], 1)
         casts = int(frozen_linear * share * act_bytes) if not cfg.gradient_checkpointing else \
             int(frozen_linear / max(dims["layers"], 1) * act_bytes)
-    loss = _loss_bytes(cfg, dims, tokens, labelled, act_bytes)
-    overhead = CUDA_CONTEXT_BYTES if device == "cuda" else (baseline_bytes if baseline_bytes is not None
-                                                            else measure_baseline_rss(model_dir))
-    slack = int(ALLOCATOR_SLACK * (activations + casts + loss + state))
-    est = Estimate(
-        model_type=str(getattr(hf_config, "model_type", "?")), method=cfg.method, device=device, precision=precision,
-        total_params=total_all, trainable_params=trainable, adapted_modules=sorted({l["leaf"] for l in adapted}),
-        tokens_per_batch=tokens, length_source=source, weights_bytes=weights, trainable_state_bytes=state,
-        activation_bytes=int(activations), weight_cast_bytes=casts, loss_bytes=int(loss), overhead_bytes=overhead,
-        slack_bytes=slack,
-    )
-    if cfg.attn_implementation == "eager":
-        est.notes.append("eager attention keeps [heads × T × T] scores per layer: included in activations")
-    return est
+    return activations, casts
 
 
 def format_estimate(est: Estimate) -> str:
@@ -247,14 +262,14 @@ def _dims(hf_config: Any) -> dict[str, int]:
     }
 
 
-def _unique_params(model: "nn.Module") -> dict[str, Any]:
-    """name → parameter, each tied/shared tensor once (SmolLM2's lm_head is its embedding)."""
+def _unique_params(model: "nn.Module") -> dict[str, int]:
+    """name → element count, each tied/shared tensor once (SmolLM2's lm_head is its embedding)."""
     seen: set[int] = set()
     out = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) not in seen:
             seen.add(id(p))
-            out[name] = p
+            out[name] = p.numel()
     return out
 
 
@@ -262,98 +277,7 @@ def _linears(model: "nn.Module") -> list[dict[str, Any]]:
     from loraforge.models.discovery import linear_modules
 
     return [{"name": i.name, "leaf": i.leaf, "in": i.in_features, "out": i.out_features, "group": i.group,
-             "numel": i.in_features * i.out_features, "layer": _layer_index(i.name)} for i in linear_modules(model)]
-
-
-def _layer_index(name: str) -> int | None:
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
-
-
-def _adapted_linears(cfg: RunConfig, hf_config: Any, model: "nn.Module", linears: list[dict], resolve) -> list[dict]:
-    """The linear layers LoRA will wrap, matched the way PEFT matches `target_modules`."""
-    if cfg.method not in ("lora", "qlora"):
-        return []
-    targets = resolve(hf_config, model, cfg.target_modules)
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        # PEFT's all-linear skips the output layer (LM head / classifier).
-        hits = [l for l in linears if l["group"] != "head"]
-    elif isinstance(targets, str):
-        rx = re.compile(targets)
-        hits = [l for l in linears if rx.fullmatch(l["name"])]
-    else:
-        hits = [l for l in linears if any(l["name"] == t or l["name"].endswith("." + t) for t in targets)]
-    layers = cfg.layers_to_transform
-    if layers is not None:
-        wanted = {layers} if isinstance(layers, int) else set(layers)
-        hits = [l for l in hits if l["layer"] in wanted]
-    return hits
-
-
-def _trainable(cfg: RunConfig, model: "nn.Module", params: dict[str, Any], linears: list[dict], adapted: list[dict],
-               dims: dict[str, int]) -> tuple[set[str], int]:
-    """(names of base parameters that train, number of new parameters the method adds)."""
-    method = cfg.method
-    h = dims["hidden"]
-    if method == "full":
-        return set(params), 0
-    if method in ("lora", "qlora"):
-        r = cfg.lora_rank
-        extra = sum(r * (l["in"] + l["out"]) + (l["out"] if cfg.use_dora else 0) for l in adapted)
-        base: set[str] = set()
-        if cfg.lora_bias == "all":
-            base |= {n for n in params if n.endswith(".bias")}
-        elif cfg.lora_bias == "lora_only":
-            base |= {l["name"] + ".bias" for l in adapted if l["name"] + ".bias" in params}
-        for target in cfg.modules_to_save or []:
-            # PEFT trains a copy; the copy is new parameters, the original stays frozen.
-            extra += sum(p.numel() for n, p in params.items() if _module_of(n).endswith(target)
-                         or f".{target}." in f".{n}")
-        return base, extra
-    if method == "prompt":
-        return set(), cfg.num_virtual_tokens * h
-    if method == "ptuning":
-        enc = cfg.encoder_hidden_size or h
-        mlp = h * enc + enc + enc * enc + enc + enc * h + h
-        lstm = 2 * 4 * (h * h + h * h + 2 * h) + mlp  # bidirectional LSTM + MLP head
-        return set(), cfg.num_virtual_tokens * h + (lstm if cfg.encoder_reparameterization_type == "LSTM" else mlp)
-    if method == "prefix":
-        out = dims["layers"] * 2 * h
-        if cfg.prefix_projection:
-            enc = cfg.encoder_hidden_size or h
-            return set(), cfg.num_virtual_tokens * h + h * enc + enc + enc * out + out
-        return set(), cfg.num_virtual_tokens * out
-    if method == "freeze":
-        return _freeze_trainable(cfg, params, dims), 0
-    return set(), 0
-
-
-def _module_of(param_name: str) -> str:
-    return param_name.rsplit(".", 1)[0]
-
-
-def _freeze_trainable(cfg: RunConfig, params: dict[str, Any], dims: dict[str, int]) -> set[str]:
-    """Base parameters a freeze config trains: chosen blocks, regex-matched modules, embeddings, LM head."""
-    n_layers = dims["layers"]
-    chosen: set[int] = set()
-    if cfg.freeze_layer_indices is not None:
-        chosen = {i % n_layers for i in cfg.freeze_layer_indices} if n_layers else set()
-    else:
-        n = cfg.freeze_trainable_layers
-        if n is None:
-            n = 0 if cfg.freeze_trainable_modules else 2
-        chosen = set(range(n_layers - n, n_layers)) if n > 0 else set(range(0, -n))
-    names = {n for n in params if _layer_index(n) in chosen}
-    for pattern in cfg.freeze_trainable_modules or []:
-        rx = re.compile(pattern)
-        names |= {n for n in params if rx.search(n)}
-    if cfg.freeze_train_embeddings:
-        names |= {n for n in params if re.search(r"(embed_tokens|wte|word_embeddings|shared)\.", n)}
-    if cfg.freeze_train_lm_head:
-        names |= {n for n in params if re.search(r"(lm_head|embed_out|output_layer)\.", n)}
-    return names
+             "numel": i.in_features * i.out_features, "layer": layer_index(i.name)} for i in linear_modules(model)]
 
 
 # ---------------------------------------------------------------------------------------------- the memory
@@ -362,19 +286,6 @@ def _dtype_bytes(torch_dtype: str, device: str) -> int:
     if torch_dtype == "auto":
         return 4 if device == "cpu" else 2
     return 4 if torch_dtype == "float32" else 2
-
-
-def _weights_bytes(cfg: RunConfig, params: dict[str, Any], linears: list[dict], w_bytes: int) -> int:
-    total = sum(p.numel() for p in params.values()) * w_bytes
-    if cfg.method != "qlora":
-        return total
-    quantized = sum(l["numel"] for l in linears if l["group"] != "head")  # bitsandbytes keeps the LM head
-    if cfg.quant_bits == 8:
-        per = 1 + 4 / 4096  # int8 weight + one fp32 scale per row (rows are ~4096 wide)
-    else:
-        # NF4: 4 bits + an absmax per 64-value block (fp32, or 8-bit + a second-level fp32 per 256 blocks).
-        per = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.bnb_4bit_use_double_quant else 4 / 64)
-    return int(total - quantized * w_bytes + quantized * per)
 
 
 def _tokens_per_batch(cfg: RunConfig, model_dir: Path) -> tuple[int, int, str]:
@@ -409,15 +320,16 @@ def _data_stats(cfg: RunConfig, model_dir: Path) -> Any:
         return None
 
 
-def _layers_with_graph(cfg: RunConfig, dims: dict[str, int], adapted: list[dict], trainable_names: set[str]) -> int:
+def _layers_with_graph(dims: Mapping[str, int], adapted: list[Mapping[str, Any]], trainable_names: set[str], *,
+                       all_layers: bool) -> int:
     """How many layers keep activations: those from the first one with something trainable (or whose input
-    needs gradients) to the end. Prompt methods make every layer's input need gradients."""
+    needs gradients) to the end; every layer when the method says so (full, virtual tokens)."""
     n = dims["layers"]
-    if cfg.method in ("full", "prefix", "ptuning", "prompt"):
+    if all_layers:
         return n
     indices = [l["layer"] for l in adapted if l["layer"] is not None]
-    indices += [i for i in (_layer_index(t) for t in trainable_names) if i is not None]
-    if any(_layer_index(t) is None for t in trainable_names) and any("embed" in t for t in trainable_names):
+    indices += [i for i in (layer_index(t) for t in trainable_names) if i is not None]
+    if any(layer_index(t) is None for t in trainable_names) and any("embed" in t for t in trainable_names):
         return n
     return n - min(indices) if indices else 0
 
@@ -446,12 +358,13 @@ def _layer_bytes_per_token(cfg: RunConfig, dims: dict[str, int], adapted: list[d
     return int(per)
 
 
-def _loss_bytes(cfg: RunConfig, dims: dict[str, int], tokens: int, labelled: int, a: int) -> int:
-    """Memory of the LM head + cross-entropy at its peak (the backward of the logits)."""
+def _loss_bytes(cfg: RunConfig, dims: Mapping[str, int], tokens: int, labelled: int, a: int, *, fused: bool) -> int:
+    """Memory of the LM head + cross-entropy at its peak (the backward of the logits). `fused`: the method
+    leaves the fused chunked LM-head loss usable (not with virtual tokens)."""
     v = dims["vocab"]
     if cfg.task_type is not TaskType.CAUSAL_LM:
         return tokens * v * (a + 4) if cfg.task_type is TaskType.SEQ_2_SEQ_LM else 0
-    chunked = cfg.chunked_loss and cfg.method not in ("prefix", "ptuning", "prompt")
+    chunked = cfg.chunked_loss and fused
     upcast = 4 if a < 4 else 0  # `.float()` copies bf16/fp16 logits; it is a no-op on fp32 ones
     if chunked:
         # One chunk of labelled positions at a time (recomputed in backward): logits, their fp32 copy,

@@ -78,6 +78,7 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path, *, base: str | Path 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loraforge.inference import read_run_config, render_prompt_ids, resolve_adapter_path
+    from loraforge.methods import METHODS
     from loraforge.models.gguf import resolve_model_path
 
     start = time.perf_counter()
@@ -87,8 +88,10 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path, *, base: str | Path 
         raise LoraforgeError([Problem("dtype", "unknown merge dtype", value=dtype, allowed=", ".join(dtypes))])
     run_cfg = read_run_config(run_dir)
     method = str(run_cfg.get("method") or "lora")
-    if method in ("full", "freeze") or (not (run_dir / "adapter_config.json").is_file() and (run_dir / "config.json").is_file()):
-        raise LoraforgeError([Problem("run_dir", f"a {method if method in ('full', 'freeze') else 'full/freeze'} run already "
+    record = METHODS.get(method)  # None: a run of a method this installation does not know; its files decide
+    saves_model = record is not None and not record.saves_adapter
+    if saves_model or (not (run_dir / "adapter_config.json").is_file() and (run_dir / "config.json").is_file()):
+        raise LoraforgeError([Problem("run_dir", f"a {method if saves_model else 'full/freeze'} run already "
                                       "is a complete model: there is no adapter to merge", value=str(run_dir),
                                       fix=f"use the folder directly: AutoModelForCausalLM.from_pretrained({str(run_dir)!r}) "
                                           f"or loraforge chat --base {run_dir}")], title="nothing to merge")
@@ -109,7 +112,7 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path, *, base: str | Path 
         raise ModelError([Problem("base", "the run does not record its base model", value=str(run_dir),
                                   fix="pass the base explicitly: loraforge merge RUN_DIR --out DIR --base MODEL")])
     base_path = resolve_model_path(base_name)
-    if method == "qlora":
+    if record is not None and record.quantizes_base:
         warnings.warn(f"QLoRA run: merging into an unquantized {dtype} copy of {base_path}, not into 4-bit weights "
                       "(that would round the LoRA update away)", stacklevel=2)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:

@@ -8,7 +8,6 @@ mistake. Nothing here reads model weights: a folder with only config.json and to
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -128,7 +127,7 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
     if is_remote_placeholder(hf_config):
         # Its modelling code cannot run here: training could not even build the model.
         problems.append(remote_code_problem(hf_config, cfg.trust_remote_code))
-    if not problems and cfg.method in ("lora", "qlora") and cfg.init_adapter is None:
+    if not problems and _uses_target_modules(cfg) and cfg.init_adapter is None:
         meta = try_meta_model(hf_config, cfg.task_type, trust_remote_code=cfg.trust_remote_code)
         problems += check_target_modules(hf_config, meta, cfg.target_modules)
         if not problems:
@@ -148,22 +147,24 @@ def _has_weights(model_dir: Path) -> bool:
     return any(any(model_dir.glob(g)) for g in ("*.safetensors", "*.bin", "*.gguf"))
 
 
-def _method_checks(cfg: RunConfig, hf_config: Any) -> list[Problem]:
-    """The method module's own `check(cfg, hf_config) -> list[Problem]`, when it defines one."""
+def _uses_target_modules(cfg: RunConfig) -> bool:
     from loraforge.methods import METHODS
 
-    try:
-        module = importlib.import_module(f"loraforge.methods.{METHODS[cfg.method]}")
-    except ModuleNotFoundError:
-        return [Problem("method", "this method is not available in this installation", value=cfg.method,
-                        allowed=", ".join(METHODS))]
-    check = getattr(module, "check", None)
-    return list(check(cfg, hf_config)) if callable(check) else []
+    method = METHODS.get(cfg.method)
+    return method is not None and method.uses_target_modules
+
+
+def _method_checks(cfg: RunConfig, hf_config: Any) -> list[Problem]:
+    """The method record's own preflight `check(cfg, hf_config) -> list[Problem]`."""
+    from loraforge.methods import method_for
+
+    return list(method_for(cfg).check(cfg, hf_config))
 
 
 def _batching_check(cfg: RunConfig, report: PreflightReport) -> None:
-    """The trainer's own packing-safety rule (train/setup.py), so `validate` refuses what `train` would."""
-    from loraforge.train.setup import choose_batching
+    """The trainer's own packing-safety rule (`data.batching.choose_batching`), so `validate` refuses what `train`
+    would."""
+    from loraforge.data.batching import choose_batching
 
     if cfg.task_type is TaskType.TEXT_TO_IMAGE or report.model_dir is None:
         return
@@ -186,7 +187,7 @@ def _output_problems(cfg: RunConfig) -> list[Problem]:
     """The run-dir rules of the trainer (`train/setup.py:prepare_run_dir`), checked read-only: resuming needs
     a checkpoint, and a finished run is not overwritten by accident."""
     from loraforge.train.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
-    from loraforge.train.setup import RUN_ARTIFACTS
+    from loraforge.train.rundir import RUN_ARTIFACTS
 
     run_dir = Path(cfg.output_dir)
     found = [p.name for p in list_checkpoints(run_dir)] if run_dir.is_dir() else []
@@ -242,8 +243,8 @@ def _data_checks(cfg: RunConfig, report: PreflightReport, *, model_ok: bool) -> 
         raise PreflightError(problems)
     if not model_ok or report.model_dir is None:
         return
-    from loraforge.data.dataset import build_datasets
     from loraforge.models.loader import load_tokenizer
+    from loraforge.objectives import build_data
 
     tokenizer = load_tokenizer(report.model_dir, trust_remote_code=cfg.trust_remote_code)
-    report.data_stats = build_datasets(cfg, tokenizer).stats
+    report.data_stats = build_data(cfg, tokenizer).stats

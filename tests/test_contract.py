@@ -1,5 +1,9 @@
 """One contract every fine-tuning method passes, for every task type it applies to (PEFT's test-matrix idea).
 
+The matrix is every registered method (`loraforge.methods.METHODS`) × every text task type, less the combinations
+measured broken (`REFUSED`): a new method enters it by being registered, and fails until this file says what
+it must train (`_expected_trainable`, `LR`, `_config`).
+
 For each method × task type, on tiny random models (LLaMA for decoder tasks, T5 for SEQ_2_SEQ_LM):
 1. exactly the configured parameters are trainable (`trainable_report` + `verify_trainable`, and by name);
 2. the loss falls when over-fitting a few examples;
@@ -21,21 +25,18 @@ torch = pytest.importorskip("torch")
 
 from loraforge.config import TaskType, config_from_dict  # noqa: E402
 from loraforge.errors import ConfigError  # noqa: E402
+from loraforge.methods import METHODS  # noqa: E402
 
 C, S2S, CLS, TOK, QA, FE = (TaskType.CAUSAL_LM, TaskType.SEQ_2_SEQ_LM, TaskType.SEQ_CLS, TaskType.TOKEN_CLS,
                             TaskType.QUESTION_ANSWERING, TaskType.FEATURE_EXTRACTION)
-ALL = ("lora", "qlora", "prefix", "ptuning", "prompt", "freeze", "full")
-NO_VIRTUAL = ("lora", "qlora", "prefix", "freeze", "full")
+ALL = tuple(METHODS)
+# task type → the tiny family the contract runs on
+FAMILY: dict[TaskType, str] = {C: "llama", S2S: "t5", CLS: "llama", TOK: "llama", QA: "llama", FE: "llama"}
+# Measured broken with the installed peft/transformers: refused in preflight (`check`) and by `apply` instead.
+REFUSED = [("prompt", CLS), ("ptuning", CLS), ("prompt", TOK), ("ptuning", TOK), ("prompt", QA), ("ptuning", QA)]
 # task type → (tiny family, methods that must pass the contract)
 MATRIX: dict[TaskType, tuple[str, tuple[str, ...]]] = {
-    C: ("llama", ALL),
-    S2S: ("t5", ALL),
-    CLS: ("llama", NO_VIRTUAL),
-    TOK: ("llama", NO_VIRTUAL),
-    QA: ("llama", NO_VIRTUAL),
-    FE: ("llama", ALL),
-}
-REFUSED = [("prompt", CLS), ("ptuning", CLS), ("prompt", TOK), ("ptuning", TOK), ("prompt", QA), ("ptuning", QA)]
+    task: (family, tuple(m for m in ALL if (m, task) not in REFUSED)) for task, family in FAMILY.items()}
 # High rates: tiny random models start near log(vocab) ≈ 10.8 and must visibly over-fit in a few steps.
 LR = {"lora": 1e-1, "qlora": 1e-1, "prefix": 1e-1, "ptuning": 1e-1, "prompt": 3e-1, "freeze": 1e-2, "full": 1e-2}
 STEPS = 12
@@ -117,36 +118,22 @@ def _config(method: str, task: TaskType, data_file, **kw):
 
 
 def _data(cfg, tokenizer):
-    if cfg.task_type is C:
-        from loraforge.data.dataset import build_datasets
+    from loraforge.objectives import build_data
 
-        return build_datasets(cfg, tokenizer)
-    from loraforge.data.tasks import build_task_datasets
-
-    return build_task_datasets(cfg, tokenizer)
+    return build_data(cfg, tokenizer)
 
 
 def _batch(cfg, data, tokenizer) -> dict:
+    from loraforge.objectives import objective_for
+
     idx = [[i] for i in range(len(data.train))]
-    if cfg.task_type is C:
-        from loraforge.data.batching import collate
-
-        return collate(data.train, idx, tokenizer.pad_token_id)
-    from loraforge.data.tasks import collate_task
-
-    return collate_task(data.train, idx, tokenizer.pad_token_id, cfg.task_type)
+    return objective_for(cfg).collate(data.train, idx, tokenizer.pad_token_id, cfg)
 
 
-def _loss_module(model, task):
-    from loraforge.train.loss import CausalLMLoss, SeqLoss
+def _loss_module(model, cfg):
+    from loraforge.objectives import objective_for
 
-    if task is C:
-        return CausalLMLoss(model)
-    if task is FE:
-        from loraforge.data.tasks import ContrastiveLoss
-
-        return ContrastiveLoss(model)
-    return SeqLoss(model)
+    return objective_for(cfg).loss(model, cfg)
 
 
 def _mean_loss(loss_module, batch) -> float:
@@ -162,7 +149,7 @@ def _model_inputs(batch) -> dict:
 
 def _outputs(model, task, batch) -> torch.Tensor:
     """The task's main output tensor, in eval mode."""
-    from loraforge.data.tasks import embed
+    from loraforge.objectives.contrastive import embed
 
     model.eval()
     inputs = _model_inputs(batch)
@@ -209,8 +196,8 @@ def _expected_trainable(method, names: list[str]) -> set[str]:
 @pytest.mark.parametrize(("method", "task", "family"), list(_matrix()))
 def test_contract(method, task, family, root, tmp_path):
     from loraforge.data.tasks import infer_label_names
-    from loraforge.methods import apply_method, is_adapter_method
-    from loraforge.methods.report import trainable_report, verify_trainable
+    from loraforge.methods import apply_method, is_adapter_method, verify_trainable
+    from loraforge.methods.report import trainable_report
     from loraforge.models.loader import load_model, load_tokenizer
     data_file = tmp_path / "train.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS[task]))
@@ -221,12 +208,10 @@ def test_contract(method, task, family, root, tmp_path):
     data = _data(cfg, tokenizer)
     batch = _batch(cfg, data, tokenizer)
 
-    # -- build: base (+ quantization) → method
-    extra = {}
-    if method == "qlora":
-        from loraforge.methods.qlora import load_kwargs
+    # -- build: base (+ the method's load-time kwargs: quantization) → method
+    from loraforge.models.discovery import load_hf_config
 
-        extra = load_kwargs(cfg)
+    extra = METHODS[method].load_kwargs(cfg, load_hf_config(model_dir))
     torch.manual_seed(0)
     model = load_model(model_dir, task, dtype="float32", **extra)
     model = apply_method(model, cfg)
@@ -246,7 +231,7 @@ def test_contract(method, task, family, root, tmp_path):
         assert any("modules_to_save" in n for n in trainable), "the new task head must train and be saved"
 
     # 2. the loss falls when over-fitting the examples
-    loss_module = _loss_module(model, task)
+    loss_module = _loss_module(model, cfg)
     before = _mean_loss(loss_module, batch)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -334,8 +319,6 @@ def _check_batched_generation(model, task, tokenizer, method):
 
 @pytest.mark.parametrize(("method", "task"), REFUSED, ids=[f"{t.value}-{m}" for m, t in REFUSED])
 def test_broken_combinations_are_refused_before_training(method, task, root, tmp_path):
-    import importlib
-
     from loraforge.methods import apply_method
     from loraforge.models.discovery import load_hf_config
     from loraforge.models.loader import load_model
@@ -343,7 +326,7 @@ def test_broken_combinations_are_refused_before_training(method, task, root, tmp
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ROWS[task]))
     cfg = _config(method, task, data_file)
     model_dir = _tiny_dir("llama", root, task, num_labels=2 if task in (CLS, TOK) else None)
-    problems = importlib.import_module(f"loraforge.methods.{method}").check(cfg, load_hf_config(model_dir))
+    problems = METHODS[method].check(cfg, load_hf_config(model_dir))
     assert problems and problems[0].key == "method" and "lora" in problems[0].allowed
     with pytest.raises(ConfigError):
         apply_method(load_model(model_dir, task, dtype="float32"), cfg)

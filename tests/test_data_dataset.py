@@ -127,20 +127,6 @@ def test_cache_hit_is_identical_and_changes_invalidate(tmp_path, smollm2_tokeniz
     assert build_datasets(cfg, smollm2_tokenizer).train == first.train
 
 
-def test_task_type_dispatch(tmp_path, smollm2_tokenizer):
-    from loraforge.config import TaskType
-
-    rows = write_rows(tmp_path / "cls.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
-    cls = build_datasets(config_from_dict({"metadata_path": str(rows), "task_type": "SEQ_CLS"}), smollm2_tokenizer)
-    assert type(cls).__name__ == "TaskDataBundle" and len(cls.train) == 2  # routed to data/tasks.py
-    cfg = config_from_dict({"metadata_path": str(rows)}).model_copy(update={"task_type": TaskType.TEXT_TO_IMAGE})
-    with pytest.raises(DataError) as info:
-        build_datasets(cfg, smollm2_tokenizer)
-    problem = info.value.problems[0]
-    assert (problem.key, problem.value) == ("task_type", "TEXT_TO_IMAGE") and "CAUSAL_LM" in problem.allowed
-    assert "image" in problem.fix
-
-
 def test_percentile_nearest_rank():
     assert percentile([], 50) == 0
     assert [percentile(list(range(1, 101)), q) for q in (50, 90, 99, 100)] == [50, 90, 99, 100]

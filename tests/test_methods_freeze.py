@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 from loraforge.config import TaskType, config_from_dict  # noqa: E402
 from loraforge.errors import ConfigError  # noqa: E402
 from loraforge.methods import freeze  # noqa: E402
-from loraforge.methods.report import trainable_report, verify_trainable  # noqa: E402
+from loraforge.methods import verify_trainable  # noqa: E402
+from loraforge.methods.report import trainable_report  # noqa: E402
 
 
 def _cfg(**kw):

@@ -11,7 +11,8 @@ from loraforge.config import TaskType, config_from_dict  # noqa: E402
 from loraforge.errors import ModelError  # noqa: E402
 from loraforge.methods import prefix, prompt, ptuning  # noqa: E402
 from loraforge.methods.common import peft_task_type  # noqa: E402
-from loraforge.methods.report import trainable_report, verify_trainable  # noqa: E402
+from loraforge.methods import verify_trainable  # noqa: E402
+from loraforge.methods.report import trainable_report  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ pytest.importorskip("bitsandbytes")
 from loraforge.config import config_from_dict  # noqa: E402
 from loraforge.errors import ModelError  # noqa: E402
 from loraforge.methods import qlora  # noqa: E402
-from loraforge.methods.report import trainable_report, verify_trainable  # noqa: E402
+from loraforge.methods import verify_trainable  # noqa: E402
+from loraforge.methods.report import trainable_report  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -196,7 +196,7 @@ def test_varlen_attention_under_bf16_autocast_matches_each_example_alone():
 def test_frozen_linears_are_stored_in_the_compute_dtype_except_tied_heads():
     from peft import LoraConfig, get_peft_model
 
-    from loraforge.train.setup import cast_frozen_linears
+    from loraforge.methods.lora_training import cast_frozen_linears
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_model("llama", tie_word_embeddings=True), LoraConfig(r=4, target_modules=["q_proj"],
@@ -219,7 +219,7 @@ def test_lora_layers_keeping_their_input_dtype_give_the_same_loss_and_gradients(
     no number, forward or backward (fused dropout, or none)."""
     from peft import LoraConfig, get_peft_model
 
-    from loraforge.train.setup import cast_frozen_linears, keep_lora_input_dtype
+    from loraforge.methods.lora_training import cast_frozen_linears, keep_lora_input_dtype
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout,
@@ -253,7 +253,7 @@ def test_lora_layers_keeping_their_input_dtype_give_the_same_loss_and_gradients(
 def test_lora_layers_with_peft_dropout_keep_peft_input_cast():
     from peft import LoraConfig, get_peft_model
 
-    from loraforge.train.setup import keep_lora_input_dtype
+    from loraforge.methods.lora_training import keep_lora_input_dtype
 
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
     assert keep_lora_input_dtype(model) == 0  # nn.Dropout would draw another mask for a bf16 input

@@ -114,7 +114,8 @@ def test_lora_list_entry_peft_ignored_is_caught_on_the_built_model(tiny_llama, d
     """PEFT adapts only q_proj for [q_proj, query_key_value] on LLaMA (FINDINGS trap 3); the built model shows it."""
     from peft import LoraConfig, get_peft_model
 
-    from loraforge.methods.report import trainable_report, verify_trainable
+    from loraforge.methods import verify_trainable
+    from loraforge.methods.report import trainable_report
     from loraforge.models.loader import load_model
 
     cfg = cfg_of(tiny_llama, data_file, target_modules=["q_proj", "query_key_value"])
@@ -137,7 +138,8 @@ def test_full_finetune_with_frozen_parameters_refuses(tiny_llama, data_file, mon
 
 
 def test_requested_freeze_block_not_trained_is_caught(tiny_llama, data_file):
-    from loraforge.methods.report import trainable_report, verify_trainable
+    from loraforge.methods import verify_trainable
+    from loraforge.methods.report import trainable_report
     from loraforge.models.loader import load_model
 
     cfg = cfg_of(tiny_llama, data_file, method="freeze", freeze_layer_indices=[0])

@@ -125,7 +125,7 @@ def test_feature_extraction_pairs_stack_anchors_then_positives(tmp_path, smollm2
 
 
 def test_contrastive_loss_is_low_when_pairs_match():
-    from loraforge.data.tasks import mean_pool
+    from loraforge.objectives.contrastive import mean_pool
 
     h = torch.randn(3, 4, 8)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])

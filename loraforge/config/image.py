@@ -14,6 +14,9 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# The methods the Stable Diffusion recipe trains (PEFT LoRA on the UNet and text encoders).
+IMAGE_METHODS = ("lora",)
+
 
 class ImageOptions(BaseModel):
     """The `image:` section of a text-to-image run config."""

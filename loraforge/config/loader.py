@@ -9,28 +9,10 @@ from typing import Any, Mapping
 import yaml
 from pydantic import ValidationError
 
-from loraforge.config.schema import KEY_ALIASES, METHOD_DEFAULT_LR, RunConfig, TaskType, parse_task_type, task_type_names
+from loraforge.config.image import IMAGE_METHODS
+from loraforge.config.methods import METHOD_OPTIONS, key_owners
+from loraforge.config.schema import KEY_ALIASES, RunConfig, TaskType, parse_task_type, task_type_names
 from loraforge.errors import ConfigError, Problem, suggestion
-
-LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias", "target_modules", "init_lora_weights",
-             "use_rslora", "use_dora", "layers_to_transform")
-QUANT_KEYS = ("quant_bits", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
-VIRTUAL_TOKEN_KEYS = ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size",
-                      "encoder_reparameterization_type", "prompt_tuning_init", "prompt_tuning_init_text")
-FREEZE_KEYS = ("freeze_trainable_layers", "freeze_layer_indices", "freeze_trainable_modules",
-               "freeze_train_embeddings", "freeze_train_lm_head")
-# Which methods each group of keys belongs to: setting a key for another method is a mistake, not a no-op.
-KEY_METHODS = {
-    **{k: ("lora", "qlora") for k in LORA_KEYS},
-    **{k: ("qlora",) for k in QUANT_KEYS},
-    "num_virtual_tokens": ("prefix", "ptuning", "prompt"),
-    "prefix_projection": ("prefix",),
-    "encoder_hidden_size": ("prefix", "ptuning"),
-    "encoder_reparameterization_type": ("ptuning",),
-    "prompt_tuning_init": ("prompt",),
-    "prompt_tuning_init_text": ("prompt",),
-    **{k: ("freeze",) for k in FREEZE_KEYS},
-}
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
@@ -73,7 +55,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     if problems:
         raise ConfigError(problems)
     if cfg.learning_rate is None:
-        cfg.learning_rate = METHOD_DEFAULT_LR[cfg.method]
+        cfg.learning_rate = METHOD_OPTIONS[cfg.method].default_learning_rate
     return cfg
 
 
@@ -127,6 +109,11 @@ def _pydantic_problems(err: ValidationError, data: Mapping[str, Any]) -> list[Pr
             problems[key] = Problem(key, "unknown key", value=value,
                                     allowed="see `loraforge config-help` for every key",
                                     fix=hint or f"remove `{loc[-1]}`")
+            continue
+        if loc == ["method"]:
+            names = list(METHOD_OPTIONS)
+            problems[key] = Problem(key, "is not one of the allowed values", value=value, allowed=", ".join(names),
+                                    fix=suggestion(str(value), names) or f"set `method: {names[0]}`")
             continue
         if loc == ["task_type"]:
             problems[key] = Problem(key, "unknown task type", value=value, allowed=", ".join(task_type_names()),
@@ -264,18 +251,10 @@ def _cross_field(d: Mapping[str, Any]) -> list[Problem]:
         task = parse_task_type(d.get("task_type", "CAUSAL_LM"))
     except ValueError:
         task = None
-    if method in METHOD_DEFAULT_LR:
-        for key, methods in KEY_METHODS.items():
-            # a default value is harmless (a saved, resolved config lists every key); a real setting is not
-            if key in d and method not in methods and d[key] != RunConfig.model_fields[key].default:
-                problems.append(Problem(key, f"only applies to method {' / '.join(methods)}, but method is `{method}`",
-                                        value=d[key], allowed=f"method: {' | '.join(methods)}",
-                                        fix=f"remove `{key}` or set `method: {methods[0]}`"))
-    if method == "qlora" and d.get("quant_bits") == 8:
-        for key in QUANT_KEYS[1:]:
-            if key in d:
-                problems.append(Problem(key, "only applies to 4-bit quantization, but quant_bits is 8", value=d[key],
-                                        allowed="quant_bits: 4", fix=f"remove `{key}` or set `quant_bits: 4`"))
+    options = METHOD_OPTIONS.get(method) if isinstance(method, str) else None
+    if options is not None:
+        problems += _key_ownership(d, method)
+        problems += options.rules(d)
     if d.get("warmup_steps") and d.get("warmup_ratio"):
         problems.append(Problem("warmup_ratio", f"warmup_steps ({d['warmup_steps']}) and warmup_ratio are both set",
                                 value=d["warmup_ratio"], allowed="one of warmup_steps, warmup_ratio",
@@ -303,26 +282,6 @@ def _cross_field(d: Mapping[str, Any]) -> list[Problem]:
         problems.append(Problem("overwrite_output_dir", "would delete the run that resume_from_checkpoint continues",
                                 value=True, allowed="false when resuming",
                                 fix="remove `overwrite_output_dir` (or remove resume_from_checkpoint to start over)"))
-    if method == "prompt" and d.get("prompt_tuning_init") == "text" and not d.get("prompt_tuning_init_text"):
-        problems.append(Problem("prompt_tuning_init_text", "is required when prompt_tuning_init is `text`",
-                                allowed="a non-empty string",
-                                fix="set prompt_tuning_init_text: \"Answer the medical question:\""))
-    if method == "prompt" and d.get("prompt_tuning_init_text") and d.get("prompt_tuning_init", "random") != "text":
-        problems.append(Problem("prompt_tuning_init", "prompt_tuning_init_text is set but would be ignored",
-                                value=d.get("prompt_tuning_init", "random"), allowed="text",
-                                fix="set `prompt_tuning_init: text` (or remove prompt_tuning_init_text)"))
-    if method == "freeze":
-        chosen = [k for k in ("freeze_trainable_layers", "freeze_layer_indices") if d.get(k) is not None]
-        if len(chosen) == 2:
-            problems.append(Problem("freeze_layer_indices", "freeze_trainable_layers and freeze_layer_indices both "
-                                    "choose the trained blocks", value=d["freeze_layer_indices"],
-                                    allowed="one of freeze_trainable_layers, freeze_layer_indices",
-                                    fix="keep one: the last N blocks (freeze_trainable_layers) or exact indices"))
-        if d.get("freeze_trainable_layers") == 0 and not any(d.get(k) for k in FREEZE_KEYS[2:]):
-            problems.append(Problem("freeze_trainable_layers", "0 blocks and nothing else trainable: nothing would train",
-                                    value=0, allowed="a non-zero integer, or freeze_trainable_modules / "
-                                    "freeze_train_embeddings / freeze_train_lm_head",
-                                    fix="set e.g. `freeze_trainable_layers: 2` (the last two blocks)"))
     if isinstance(d.get("target_modules"), str) and d.get("layers_to_transform") is not None:
         problems.append(Problem("layers_to_transform", "cannot be combined with a regex `target_modules` (PEFT ignores "
                                 "it then)", value=d["layers_to_transform"], allowed="target_modules as a list of names",
@@ -331,13 +290,12 @@ def _cross_field(d: Mapping[str, Any]) -> list[Problem]:
     if d.get("batching") == "packed" and task is not None and task is not TaskType.CAUSAL_LM:
         problems.append(Problem("batching", f"packing is only for CAUSAL_LM, task_type is {task.value}", value="packed",
                                 allowed="auto, padded, grouped", fix="use `batching: grouped`"))
-    if d.get("batching") == "packed" and method in ("prefix", "ptuning", "prompt"):
-        problems.append(Problem("batching", f"packing is not safe with method `{method}`: virtual tokens would be "
-                                "shared by every example in a packed row", value="packed",
-                                allowed="auto, padded, grouped", fix="use `batching: grouped`"))
-    if task is TaskType.TEXT_TO_IMAGE and method != "lora":
-        problems.append(Problem("method", "text-to-image trains LoRA only", value=method, allowed="lora",
-                                fix="set `method: lora`"))
+    if d.get("batching") == "packed" and options is not None and options.packing_unsafe:
+        problems.append(Problem("batching", f"packing is not safe with method `{method}`: {options.packing_unsafe}",
+                                value="packed", allowed="auto, padded, grouped", fix="use `batching: grouped`"))
+    if task is TaskType.TEXT_TO_IMAGE and method not in IMAGE_METHODS:
+        problems.append(Problem("method", "text-to-image trains LoRA only", value=method,
+                                allowed=", ".join(IMAGE_METHODS), fix=f"set `method: {IMAGE_METHODS[0]}`"))
     if d.get("image") is not None and task is not None and task is not TaskType.TEXT_TO_IMAGE:
         problems.append(Problem("image", f"image options are only used with task_type text-to-image (task_type is {task.value})",
                                 allowed="task_type: text-to-image",
@@ -349,6 +307,20 @@ def _cross_field(d: Mapping[str, Any]) -> list[Problem]:
     if not d.get("train_data_dir") and not d.get("metadata_path"):
         problems.append(Problem("metadata_path", "no training data given", allowed="a .jsonl or .json file",
                                 fix="set `metadata_path: data/train.jsonl` (or `train_data_dir:` a folder of .jsonl files)"))
+    return problems
+
+
+def _key_ownership(d: Mapping[str, Any], method: str) -> list[Problem]:
+    """A key that belongs to other methods is a mistake, not a no-op (the owners come from `METHOD_OPTIONS`).
+
+    A key at its default value is harmless: a saved, resolved config lists every key.
+    """
+    problems: list[Problem] = []
+    for key, methods in key_owners().items():
+        if key in d and method not in methods and d[key] != RunConfig.model_fields[key].default:
+            problems.append(Problem(key, f"only applies to method {' / '.join(methods)}, but method is `{method}`",
+                                    value=d[key], allowed=f"method: {' | '.join(methods)}",
+                                    fix=f"remove `{key}` or set `method: {methods[0]}`"))
     return problems
 
 

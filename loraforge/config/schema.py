@@ -14,6 +14,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loraforge.config.image import ImageOptions
+from loraforge.config.methods import METHOD_OPTIONS
 
 
 class TaskType(str, Enum):
@@ -68,6 +69,8 @@ def parse_task_type(value: object) -> TaskType:
     raise ValueError(f"unknown task_type {value!r}")
 
 
+# The shipped methods, for type checkers and readers. `method` is validated against `METHOD_OPTIONS` (so a method
+# registered there is accepted too); tests/test_methods_registry.py checks that this list equals it.
 Method = Literal["lora", "qlora", "prefix", "ptuning", "prompt", "freeze", "full"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -102,10 +105,11 @@ class ModelSection(_Section):
 
 
 class MethodSection(_Section):
-    method: Method = Field(
+    method: str = Field(
         "lora",
         description="lora | qlora (4/8-bit base + LoRA) | prefix (P-tuning v2) | ptuning (prompt encoder) | "
         "prompt (prompt tuning) | freeze (train some layers) | full.",
+        json_schema_extra=lambda schema: schema.update(enum=list(METHOD_OPTIONS)),
     )
     # --- LoRA / QLoRA (peft.LoraConfig) ---
     lora_rank: int = Field(8, gt=0, description="LoRA rank r.")
@@ -153,6 +157,14 @@ class MethodSection(_Section):
     init_adapter: Union[Path, None] = Field(
         None, description="Start from an existing adapter dir (continued training on new data, fresh optimizer)."
     )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _known_method(cls, v: object) -> object:
+        # The loader turns this into "is not one of the allowed values" with the list and a did-you-mean.
+        if not isinstance(v, str) or v not in METHOD_OPTIONS:
+            raise ValueError(f"unknown method {v!r}")
+        return v
 
 
 class DataSection(_Section):
@@ -258,14 +270,4 @@ KEY_ALIASES: dict[str, str] = {
     "max_length": "cutoff_len",
     "pre_seq_len": "num_virtual_tokens",
     "load_best_model_at_end": "keep_best_checkpoint",
-}
-
-METHOD_DEFAULT_LR: dict[str, float] = {
-    "lora": 2e-4,
-    "qlora": 2e-4,
-    "prefix": 1e-2,
-    "ptuning": 1e-2,
-    "prompt": 1e-2,
-    "freeze": 5e-5,
-    "full": 1e-5,
 }

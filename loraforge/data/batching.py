@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import bisect
 import random
-from typing import TYPE_CHECKING, Literal, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Sequence
+
+from loraforge.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +28,30 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 MEGABATCH_FACTOR = 50  # batches per length-sorted group, as HF's LengthGroupedSampler
 Mode = Literal["padded", "grouped", "packed"]
+
+
+def choose_batching(cfg: Any, model_dir: Path) -> str:
+    """`auto` → packed for causal LMs whose attention honours packed position_ids (and a method without virtual
+    tokens), else padded; an explicit `packed` that is not safe is refused.
+
+    Raises:
+        ConfigError: `batching: packed` for a model type or method where attention could cross examples.
+    """
+    from loraforge.config.methods import METHOD_OPTIONS
+    from loraforge.models.discovery import load_hf_config
+    from loraforge.models.registry import PACKABLE_MODEL_TYPES
+
+    model_type = getattr(load_hf_config(model_dir, cfg.trust_remote_code), "model_type", "")
+    options = METHOD_OPTIONS.get(cfg.method)
+    packable = (getattr(cfg.task_type, "value", cfg.task_type) == "CAUSAL_LM" and model_type in PACKABLE_MODEL_TYPES
+                and options is not None and options.packing_unsafe is None)
+    if cfg.batching == "auto":
+        return "packed" if packable else "padded"
+    if cfg.batching == "packed" and not packable:
+        raise ConfigError([Problem("batching", f"packing is not safe for model type `{model_type}` with method "
+                                   f"`{cfg.method}`: attention could cross example boundaries", value="packed",
+                                   allowed="padded, grouped", fix="use `batching: grouped`")])
+    return cfg.batching
 
 
 def make_batches(lengths: Sequence[int], batch_size: int, mode: Mode, *, seed: int, epoch: int, row_len: int,

@@ -8,7 +8,8 @@ The recipe, top to bottom, for CAUSAL_LM:
    the data files' bytes, the tokenizer (vocabulary, special tokens, chat template) and every encoding option,
    so any change re-encodes and an unchanged run skips tokenization.
 
-Other task types plug in through `BUILDERS` (one function per TaskType; the non-causal ones live in `tasks.py`).
+The other task types' rows are read by `tasks.py` (which uses the split helpers here); which builder a run uses is
+its objective's choice (`loraforge/objectives/`), made in that one place.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loraforge.data.checks import DataStats, length_percentiles
 from loraforge.data.formats import Message, load_conversations, resolve_train_files
@@ -43,23 +44,19 @@ class DataBundle:
 
 
 def build_datasets(cfg: Any, tokenizer: Any) -> DataBundle:
-    """Encoded train (and validation) examples for `cfg`, from the cache when possible.
-
-    CAUSAL_LM gives a `DataBundle` of `Encoded`; the other text task types a `tasks.TaskDataBundle` (same
-    train / val / stats fields).
+    """Encoded CAUSAL_LM train (and validation) examples for `cfg`, from the cache when possible.
 
     Raises:
-        DataError: missing files, bad rows (all listed), a bad split, no usable example, or a task type whose
-            data pipeline does not exist yet.
+        DataError: missing files, bad rows (all listed), a bad split, no usable example, or a config of another
+            task type (its rows are read by `loraforge.objectives.build_data`, through its objective).
     """
     task = getattr(cfg.task_type, "value", cfg.task_type)
-    builder = BUILDERS.get(task)
-    if builder is None:
-        fix = "text-to-image data is read by the image recipe (`loraforge.image`), not here" \
-            if task == "TEXT_TO_IMAGE" else "use `task_type: CAUSAL_LM` with chat/alpaca data"
-        raise DataError([Problem("task_type", "loraforge has no text data pipeline for this task type", value=task,
-                                 allowed=", ".join(BUILDERS), fix=fix)])
-    return builder(cfg, tokenizer)
+    if task != "CAUSAL_LM":
+        raise DataError([Problem("task_type", "build_datasets reads chat / alpaca rows for CAUSAL_LM only",
+                                 value=task, allowed="CAUSAL_LM",
+                                 fix="build the data of other task types with "
+                                     "`loraforge.objectives.build_data(cfg, tokenizer)`")])
+    return _build_causal_lm(cfg, tokenizer)
 
 
 def _build_causal_lm(cfg: Any, tokenizer: Any) -> DataBundle:
@@ -105,21 +102,6 @@ def _build_causal_lm(cfg: Any, tokenizer: Any) -> DataBundle:
     return bundle
 
 
-def _build_task(cfg: Any, tokenizer: Any) -> Any:
-    """Non-causal task types (seq2seq, classification, token tagging, QA, embeddings): `data/tasks.py`."""
-    from loraforge.data.tasks import build_task_datasets
-
-    return build_task_datasets(cfg, tokenizer)
-
-
-# task_type → builder. TEXT_TO_IMAGE has its own recipe (loraforge.image) and no entry here.
-BUILDERS: dict[str, Callable[[Any, Any], Any]] = {
-    "CAUSAL_LM": _build_causal_lm,
-    **{task: _build_task for task in ("SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANSWERING",
-                                       "FEATURE_EXTRACTION")},
-}
-
-
 # ---------------------------------------------------------------------------------------------- steps
 
 
@@ -142,9 +124,6 @@ def check_val_options(cfg: Any) -> Path | None:
         raise DataError([Problem("val_file", "validation data file not found", value=str(path),
                                  fix="point val_file at an existing .jsonl / .json / .csv file")])
     return path
-
-
-_check_val_options = check_val_options  # the name data/tasks.py imports
 
 
 def _load_rows(cfg: Any, files: list[Path], val_file: Path | None):

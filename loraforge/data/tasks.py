@@ -11,10 +11,8 @@ Row shapes (in .jsonl / .json / .csv, read by `formats.read_rows`, every bad lin
 - QUESTION_ANSWERING (extractive): ``{"context", "question", "answer"}``; the answer text's first occurrence in
   the context gives the start/end token positions. Loss (start CE + end CE) / 2 averaged over examples.
 - FEATURE_EXTRACTION: contrastive sentence embeddings — ``{"anchor" (or cfg.text_column), "positive"}`` pairs;
-  embeddings are the attention-masked mean of the last hidden states, and each anchor must pick its own positive
-  among all positives of the micro-batch (in-batch negatives, InfoNCE with temperature 0.05 — the
-  "MultipleNegativesRanking" objective of Sentence-BERT / supervised SimCSE, Gao et al. 2021, arXiv:2104.08821).
-  `ContrastiveLoss` computes it (the bare model has no loss of its own).
+  each anchor must pick its own positive among all positives of the micro-batch (the loss is
+  `loraforge/objectives/contrastive.py`).
 
 Every example has `input_ids` (used for length-based batching) and `num_targets` (what the loss averages over);
 `collate_task` returns the model's keyword arguments plus `num_targets` (a 0-dim tensor), so a loss module can
@@ -29,14 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from loraforge.data.checks import DataStats, length_percentiles
+from loraforge.data.dataset import check_val_options, split_rows
 from loraforge.errors import DataError, Problem
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
 IGNORE_INDEX = -100
-CONTRASTIVE_TEMPERATURE = 0.05  # SimCSE's value; cosine similarities / 0.05 give a usable softmax range
 MAX_SHOWN = 20
 
 
@@ -354,7 +351,6 @@ def build_task_datasets(cfg: Any, tokenizer: Any) -> TaskDataBundle:
     Raises:
         DataError: missing files, bad rows (all listed), a bad split, or no usable example.
     """
-    from loraforge.data.dataset import check_val_options, split_rows
     from loraforge.data.formats import resolve_train_files
 
     task = _task(cfg)
@@ -430,61 +426,6 @@ def collate_task(examples: Sequence[TaskExample], micro_batch: Sequence[Sequence
     return out
 
 
-# ---------------------------------------------------------------------------------------------- objective
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean of hidden states [B, T', H] → [B, H]. When the model prepended virtual tokens (prompt tuning,
-    P-tuning: T' > T), only the real tokens' states (the last T) are pooled."""
-    hidden = hidden[:, -attention_mask.shape[1]:]
-    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-def embed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """L2-normalized sentence embeddings (masked mean of the last hidden states) from a bare or PEFT model."""
-    import torch.nn.functional as F
-
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return F.normalize(mean_pool(hidden, attention_mask).float(), dim=-1)
-
-
-def contrastive_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         temperature: float = CONTRASTIVE_TEMPERATURE) -> torch.Tensor:
-    """Sum over the B anchors of InfoNCE: rows [0, B) are anchors, rows [B, 2B) their positives."""
-    import torch
-    import torch.nn.functional as F
-
-    emb = embed(model, input_ids, attention_mask)
-    b = emb.shape[0] // 2
-    scores = emb[:b] @ emb[b:].T / temperature  # [B, B]: anchor i vs every positive; the diagonal is right
-    return F.cross_entropy(scores, torch.arange(b, device=scores.device), reduction="sum")
-
-
-def _make_contrastive_loss():
-    from torch import nn
-
-    class ContrastiveLoss(nn.Module):
-        """FEATURE_EXTRACTION objective as a loss module: `forward(num_targets, input_ids, attention_mask)
-        -> (sum of per-anchor losses, number of anchors)`, like the loop's other loss modules."""
-
-        def __init__(self, model: nn.Module, temperature: float = CONTRASTIVE_TEMPERATURE):
-            super().__init__()
-            self.model = model
-            self.temperature = temperature
-
-        def forward(self, num_targets, input_ids, attention_mask):
-            return contrastive_loss_sum(self.model, input_ids, attention_mask, self.temperature), num_targets
-
-    return ContrastiveLoss
-
-
-def ContrastiveLoss(model: nn.Module, temperature: float = CONTRASTIVE_TEMPERATURE) -> nn.Module:  # noqa: N802
-    """Build the FEATURE_EXTRACTION loss module (a factory so this file imports no torch at import time)."""
-    return _make_contrastive_loss()(model, temperature)
-
-
 TASK_TYPES = tuple(ENCODERS)
-__all__ = ["TaskExample", "TaskDataBundle", "build_task_datasets", "collate_task", "infer_label_names",
-           "ContrastiveLoss", "contrastive_loss_sum", "embed", "mean_pool", "TASK_TYPES", "IGNORE_INDEX"]
+__all__ = ["TaskExample", "TaskDataBundle", "build_task_datasets", "collate_task", "infer_label_names", "TASK_TYPES",
+           "IGNORE_INDEX"]

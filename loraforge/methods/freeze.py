@@ -26,12 +26,15 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from loraforge.config.methods import FREEZE
 from loraforge.errors import ConfigError, ModelError, Problem
+from loraforge.methods.base import Method, ModelShape, ParamEstimate, layer_index
 
 if TYPE_CHECKING:
     from torch import nn
 
     from loraforge.config import RunConfig
+    from loraforge.methods.report import TrainableReport
 
 DEFAULT_TRAINABLE_LAYERS = 2
 log = logging.getLogger(__name__)
@@ -200,3 +203,60 @@ def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
     for note in notes(model, cfg):
         log.warning("freeze: %s", note)
     return model
+
+
+def verify(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
+    """Something is frozen, every requested block trains, and embeddings / LM head train only when asked for
+    (a tied LM head is the embeddings' tensor, so asking for either allows both)."""
+    problems: list[Problem] = []
+    kinds = report.trained_kinds
+    if report.trainable == report.total:
+        problems.append(Problem("freeze_trainable_layers", "every parameter is trainable: nothing was frozen",
+                                value=cfg.freeze_trainable_layers, fix="check the freeze settings"))
+    for i in cfg.freeze_layer_indices or []:
+        if i >= 0 and not any(f".{i}." in n for n in report.trainable_names):
+            problems.append(Problem("freeze_layer_indices", f"block {i} was asked for but none of its "
+                                    "parameters is trainable", value=i, fix="check the block indices with "
+                                    "`loraforge inspect MODEL`"))
+    if not cfg.freeze_trainable_modules:  # regexes may legitimately select embeddings or the head
+        asked = cfg.freeze_train_embeddings or cfg.freeze_train_lm_head
+        if "embeddings" in kinds and not asked:
+            problems.append(Problem("freeze_train_embeddings", "the input embeddings are trainable but were not "
+                                    "asked for", value=False, fix="this is a bug in the method setup; please report it"))
+        if "lm_head" in kinds and not asked:
+            problems.append(Problem("freeze_train_lm_head", "the LM head is trainable but was not asked for",
+                                    value=False, fix="this is a bug in the method setup; please report it"))
+    return problems
+
+
+def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
+    """Base parameters a freeze config trains, from names alone: chosen blocks, regex-matched parameters,
+    embeddings, LM head."""
+    n_layers = shape.dims["layers"]
+    params = shape.params
+    if cfg.freeze_layer_indices is not None:
+        chosen = {i % n_layers for i in cfg.freeze_layer_indices} if n_layers else set()
+    else:
+        n = cfg.freeze_trainable_layers
+        if n is None:
+            n = 0 if cfg.freeze_trainable_modules else DEFAULT_TRAINABLE_LAYERS
+        chosen = set(range(n_layers - n, n_layers)) if n > 0 else set(range(0, -n))
+    names = {n for n in params if layer_index(n) in chosen}
+    for pattern in cfg.freeze_trainable_modules or []:
+        rx = re.compile(pattern)
+        names |= {n for n in params if rx.search(n)}
+    if cfg.freeze_train_embeddings:
+        names |= {n for n in params if re.search(r"(embed_tokens|wte|word_embeddings|shared)\.", n)}
+    if cfg.freeze_train_lm_head:
+        names |= {n for n in params if re.search(r"(lm_head|embed_out|output_layer)\.", n)}
+    return ParamEstimate(trainable_base=frozenset(names))
+
+
+METHOD = Method(
+    options=FREEZE,
+    apply=apply,
+    saves_adapter=False,
+    estimate_params=estimate_params,
+    verify=verify,
+    check=check,
+)

@@ -1,19 +1,27 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685) through PEFT: frozen base, trainable low-rank updates B·A.
 
 Every `peft.LoraConfig` knob the config exposes is passed through unchanged, so an adapter trained here is
-an ordinary PEFT adapter (loadable by PEFT, vLLM, LLaMA-Factory).
+an ordinary PEFT adapter (loadable by PEFT, vLLM, LLaMA-Factory). Training-only speed-ups that keep that format
+(fused dropout, frozen weights in the autocast dtype, no fp32 round trip of inputs) are the record's
+`training_steps`, in `lora_training.py`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import re
+from typing import TYPE_CHECKING, Any
 
+from loraforge.config.methods import LORA
+from loraforge.errors import Problem
+from loraforge.methods.base import Method, ModelShape, ParamEstimate
 from loraforge.methods.common import peft_task_type, resolve_targets
+from loraforge.methods.lora_training import LORA_TRAINING_STEPS
 
 if TYPE_CHECKING:
     from torch import nn
 
     from loraforge.config import RunConfig
+    from loraforge.methods.report import TrainableReport
 
 
 def lora_config(cfg: RunConfig, model: nn.Module):
@@ -44,3 +52,78 @@ def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
         # Continued training: start from the adapter's weights, but a fresh optimizer and schedule.
         return PeftModel.from_pretrained(model, str(cfg.init_adapter), is_trainable=True)
     return get_peft_model(model, lora_config(cfg, model))
+
+
+def verify(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
+    """LoRA weights exist for every listed target, and no base weight trains (except biases when asked).
+
+    PEFT silently drops list entries that match nothing when another entry matches (FINDINGS trap 3), so each
+    entry is checked on the built model.
+    """
+    problems: list[Problem] = []
+    kinds = report.trained_kinds
+    if "lora" not in kinds:
+        problems.append(Problem("target_modules", "no LoRA weights were created", value=cfg.target_modules,
+                                fix="use names from `loraforge inspect MODEL`"))
+    elif isinstance(cfg.target_modules, list):
+        for i, entry in enumerate(cfg.target_modules):
+            if not any(f"{entry}.lora_" in n for n in report.trainable_names):
+                problems.append(Problem(f"target_modules[{i}]", "no LoRA weights were created for this entry",
+                                        value=entry, fix="use names from `loraforge inspect MODEL`"))
+    allowed = {"lora", "saved_module"}
+    if cfg.lora_bias != "none":
+        allowed |= {"bias", "attention", "mlp", "norm", "other", "embeddings", "lm_head", "head"}
+    stray = sorted(set(kinds) - allowed)
+    if stray:
+        problems.append(Problem("method", f"base weights are trainable in a LoRA run: {', '.join(stray)}",
+                                value=cfg.method, fix="this is a bug in the method setup; please report it"))
+    return problems
+
+
+def adapted_linears(cfg: RunConfig, shape: ModelShape) -> list[dict[str, Any]]:
+    """The linear layers LoRA will wrap, matched the way PEFT matches `target_modules`."""
+    from loraforge.models.discovery import resolve_target_modules
+
+    linears = shape.linears
+    targets = resolve_target_modules(shape.hf_config, shape.model, cfg.target_modules)
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        hits = [l for l in linears if l["group"] != "head"]  # PEFT's all-linear skips the output layer
+    elif isinstance(targets, str):
+        rx = re.compile(targets)
+        hits = [l for l in linears if rx.fullmatch(l["name"])]
+    else:
+        hits = [l for l in linears if any(l["name"] == t or l["name"].endswith("." + t) for t in targets)]
+    layers = cfg.layers_to_transform
+    if layers is not None:
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        hits = [l for l in hits if l["layer"] in wanted]
+    return [dict(l) for l in hits]
+
+
+def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
+    """r·(in + out) per adapted linear (+ out for DoRA's magnitude), trained biases, `modules_to_save` copies."""
+    adapted = adapted_linears(cfg, shape)
+    r = cfg.lora_rank
+    extra = sum(r * (l["in"] + l["out"]) + (l["out"] if cfg.use_dora else 0) for l in adapted)
+    params = shape.params
+    base: set[str] = set()
+    if cfg.lora_bias == "all":
+        base |= {n for n in params if n.endswith(".bias")}
+    elif cfg.lora_bias == "lora_only":
+        base |= {l["name"] + ".bias" for l in adapted if l["name"] + ".bias" in params}
+    for target in cfg.modules_to_save or []:
+        # PEFT trains a copy; the copy is new parameters, the original stays frozen.
+        extra += sum(numel for n, numel in params.items() if n.rsplit(".", 1)[0].endswith(target)
+                     or f".{target}." in f".{n}")
+    return ParamEstimate(trainable_base=frozenset(base), new_params=extra, adapted=tuple(adapted))
+
+
+METHOD = Method(
+    options=LORA,
+    apply=apply,
+    saves_adapter=True,
+    estimate_params=estimate_params,
+    verify=verify,
+    training_steps=LORA_TRAINING_STEPS,
+    uses_target_modules=True,
+)

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from loraforge.config.methods import PREFIX
 from loraforge.errors import ModelError, Problem
+from loraforge.methods.base import Method, ModelShape, ParamEstimate
 from loraforge.methods.common import peft_task_type
-from loraforge.methods.prompt import apply_prompt_learning, prompt_learning_problems
+from loraforge.methods.prompt import (apply_prompt_learning, prompt_learning_problems, verify_prompt_learning,
+                                      virtual_token_estimate)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -88,3 +91,25 @@ def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
     if uses_native_prefix(model.config):
         return apply_native(model, cfg)
     return apply_prompt_learning(model, cfg, prefix_config(cfg, model))
+
+
+def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
+    """A key and a value vector per layer and virtual token; with `prefix_projection`, the embeddings of the
+    hidden size and the MLP (h → enc → layers·2·h) that produces them."""
+    h = shape.dims["hidden"]
+    out = shape.dims["layers"] * 2 * h
+    if cfg.prefix_projection:
+        enc = cfg.encoder_hidden_size or h
+        return virtual_token_estimate(cfg.num_virtual_tokens * h + h * enc + enc + enc * out + out)
+    return virtual_token_estimate(cfg.num_virtual_tokens * out)
+
+
+METHOD = Method(
+    options=PREFIX,
+    apply=apply,
+    saves_adapter=True,
+    estimate_params=estimate_params,
+    verify=verify_prompt_learning,
+    load_kwargs=load_kwargs,
+    check=check,
+)

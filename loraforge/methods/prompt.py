@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from loraforge.methods.common import peft_task_type
+from loraforge.config.methods import PROMPT
 from loraforge.errors import ConfigError, Problem
+from loraforge.methods.base import Method, ModelShape, ParamEstimate
+from loraforge.methods.common import peft_task_type
 
 if TYPE_CHECKING:
     from torch import nn
 
     from loraforge.config import RunConfig
+    from loraforge.methods.report import TrainableReport
 
 # Virtual tokens lengthen the sequence (prompt, ptuning) — unlike prefix tuning, which adds keys/values only.
 LENGTHENS_SEQUENCE = ("prompt", "ptuning")
@@ -136,7 +139,37 @@ def apply_prompt_learning(model: nn.Module, cfg: RunConfig, peft_config) -> nn.M
     return get_peft_model(model, peft_config)
 
 
+def verify_prompt_learning(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
+    """Prefix / P-tuning / prompt tuning: only the virtual-token parameters (and saved task heads) train."""
+    stray = sorted(set(report.trained_kinds) - {"prompt", "saved_module"})
+    if not stray:
+        return []
+    return [Problem("method", f"base weights are trainable in a {cfg.method} run: {', '.join(stray)}",
+                    value=cfg.method)]
+
+
+def virtual_token_estimate(new_params: int) -> ParamEstimate:
+    """What the three prompt-learning methods share: no base weight trains, but the virtual tokens make every
+    layer's input need gradients, and PEFT's forward (not the fused LM-head loss) computes the logits."""
+    return ParamEstimate(new_params=new_params, every_layer_needs_grad=True, fused_lm_head=False)
+
+
+def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
+    """`num_virtual_tokens` embeddings of the hidden size."""
+    return virtual_token_estimate(cfg.num_virtual_tokens * shape.dims["hidden"])
+
+
 def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """Prompt tuning: trainable virtual-token embeddings, everything else frozen (a SEQ_CLS head trains too,
     saved through PEFT's `modules_to_save`)."""
     return apply_prompt_learning(model, cfg, prompt_config(cfg, model))
+
+
+METHOD = Method(
+    options=PROMPT,
+    apply=apply,
+    saves_adapter=True,
+    estimate_params=estimate_params,
+    verify=verify_prompt_learning,
+    check=check,
+)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from loraforge.config.methods import PTUNING
+from loraforge.methods.base import Method, ModelShape, ParamEstimate
 from loraforge.methods.common import peft_task_type
-from loraforge.methods.prompt import apply_prompt_learning, prompt_learning_problems
+from loraforge.methods.prompt import (apply_prompt_learning, prompt_learning_problems, verify_prompt_learning,
+                                      virtual_token_estimate)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -36,3 +39,24 @@ def ptuning_config(cfg: RunConfig, model: nn.Module):
 def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """P-tuning: the prompt encoder trains (and a classification head, through `modules_to_save`)."""
     return apply_prompt_learning(model, cfg, ptuning_config(cfg, model))
+
+
+def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
+    """The virtual-token embeddings plus the prompt encoder: PEFT's MLP (h → enc → enc → h), or a bidirectional
+    LSTM in front of it."""
+    h = shape.dims["hidden"]
+    enc = cfg.encoder_hidden_size or h
+    mlp = h * enc + enc + enc * enc + enc + enc * h + h
+    lstm = 2 * 4 * (h * h + h * h + 2 * h) + mlp  # bidirectional LSTM + MLP head
+    encoder = lstm if cfg.encoder_reparameterization_type == "LSTM" else mlp
+    return virtual_token_estimate(cfg.num_virtual_tokens * h + encoder)
+
+
+METHOD = Method(
+    options=PTUNING,
+    apply=apply,
+    saves_adapter=True,
+    estimate_params=estimate_params,
+    verify=verify_prompt_learning,
+    check=check,
+)

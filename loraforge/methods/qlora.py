@@ -12,9 +12,13 @@ layout; every later forward then goes through a kernel without a backward, and L
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from loraforge.config.methods import QLORA
 from loraforge.errors import ModelError, Problem
+from loraforge.methods import lora
+from loraforge.methods.base import Method, ModelShape, ParamEstimate
 
 if TYPE_CHECKING:
     from torch import nn
@@ -115,8 +119,6 @@ def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    from loraforge.methods.lora import lora_config
-
     if not is_quantized(model):
         raise ModelError([Problem("method", "qlora needs a base model loaded in 4/8-bit, but this one is not quantized",
                                   value="qlora", fix="load it with `load_model(..., **qlora.load_kwargs(cfg))`")])
@@ -127,4 +129,30 @@ def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.init_adapter is not None:
         return PeftModel.from_pretrained(model, str(cfg.init_adapter), is_trainable=True)
-    return get_peft_model(model, lora_config(cfg, model))
+    return get_peft_model(model, lora.lora_config(cfg, model))
+
+
+def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
+    """LoRA's parameters on a base whose block linears are stored in 4 or 8 bits (bitsandbytes keeps the head)."""
+    quantized = sum(l["numel"] for l in shape.linears if l["group"] != "head")
+    if cfg.quant_bits == 8:
+        per = 1 + 4 / 4096  # int8 weight + one fp32 scale per row (rows are ~4096 wide)
+    else:
+        # NF4: 4 bits + an absmax per 64-value block (fp32, or 8-bit + a second-level fp32 per 256 blocks).
+        per = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.bnb_4bit_use_double_quant else 4 / 64)
+    total = sum(shape.params.values()) * shape.weight_bytes
+    weights = int(total - quantized * shape.weight_bytes + quantized * per)
+    return replace(lora.estimate_params(cfg, shape), weights_bytes=weights)
+
+
+METHOD = Method(
+    options=QLORA,
+    apply=apply,
+    saves_adapter=True,
+    estimate_params=estimate_params,
+    verify=lora.verify,
+    load_kwargs=load_kwargs,
+    check=check,
+    uses_target_modules=True,
+    quantizes_base=True,
+)

@@ -40,6 +40,11 @@ class TrainableReport:
     trainable_names: list[str] = field(default_factory=list)
 
     @property
+    def trained_kinds(self) -> dict[str, int]:
+        """kind → trainable parameters, for the kinds with any."""
+        return {k: t for k, (t, _) in self.by_kind.items() if t}
+
+    @property
     def percent(self) -> float:
         return 100.0 * self.trainable / max(self.total, 1)
 
@@ -88,62 +93,10 @@ def _numel(p) -> int:
     return p.numel()
 
 
-def verify_trainable(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
-    """Problems when the built model does not train what the config asked for."""
-    problems: list[Problem] = []
-    kinds = {k: t for k, (t, _) in report.by_kind.items() if t}
-    if report.trainable == 0:
-        problems.append(Problem("method", "nothing is trainable in the built model", value=cfg.method,
-                                fix="check target_modules / freeze settings; see `loraforge inspect`"))
-        return problems
-    if cfg.method in ("lora", "qlora"):
-        if "lora" not in kinds:
-            problems.append(Problem("target_modules", "no LoRA weights were created", value=cfg.target_modules,
-                                    fix="use names from `loraforge inspect MODEL`"))
-        elif isinstance(cfg.target_modules, list):
-            # PEFT silently drops list entries that match nothing when another entry matches (FINDINGS trap 3).
-            for i, entry in enumerate(cfg.target_modules):
-                if not any(f"{entry}.lora_" in n for n in report.trainable_names):
-                    problems.append(Problem(f"target_modules[{i}]", "no LoRA weights were created for this entry",
-                                            value=entry, fix="use names from `loraforge inspect MODEL`"))
-        allowed = {"lora", "saved_module"} | ({"bias"} if cfg.lora_bias != "none" else set())
-        if cfg.lora_bias != "none":
-            allowed |= {"attention", "mlp", "norm", "other", "embeddings", "lm_head", "head"}
-        stray = sorted(set(kinds) - allowed)
-        if stray:
-            problems.append(Problem("method", f"base weights are trainable in a LoRA run: {', '.join(stray)}",
-                                    value=cfg.method, fix="this is a bug in the method setup; please report it"))
-    elif cfg.method in ("prefix", "ptuning", "prompt"):
-        stray = sorted(set(kinds) - {"prompt", "saved_module"})
-        if stray:
-            problems.append(Problem("method", f"base weights are trainable in a {cfg.method} run: {', '.join(stray)}",
-                                    value=cfg.method))
-    elif cfg.method == "freeze":
-        problems += _verify_freeze(report, cfg, kinds)
-    elif cfg.method == "full" and report.trainable != report.total:
-        problems.append(Problem("method", f"full fine-tuning but only {report.percent:.1f}% of parameters are trainable",
-                                value=cfg.method))
-    return problems
-
-
-def _verify_freeze(report: TrainableReport, cfg: RunConfig, kinds: dict[str, int]) -> list[Problem]:
-    """Freeze runs: something is frozen, every requested block trains, and embeddings / LM head train only when
-    asked for (a tied LM head is the embeddings' tensor, so asking for either allows both)."""
-    problems: list[Problem] = []
-    if report.trainable == report.total:
-        problems.append(Problem("freeze_trainable_layers", "every parameter is trainable: nothing was frozen",
-                                value=cfg.freeze_trainable_layers, fix="check the freeze settings"))
-    for i in cfg.freeze_layer_indices or []:
-        if i >= 0 and not any(f".{i}." in n for n in report.trainable_names):
-            problems.append(Problem("freeze_layer_indices", f"block {i} was asked for but none of its "
-                                    "parameters is trainable", value=i, fix="check the block indices with "
-                                    "`loraforge inspect MODEL`"))
-    if not cfg.freeze_trainable_modules:  # regexes may legitimately select embeddings or the head
-        asked = cfg.freeze_train_embeddings or cfg.freeze_train_lm_head
-        if "embeddings" in kinds and not asked:
-            problems.append(Problem("freeze_train_embeddings", "the input embeddings are trainable but were not "
-                                    "asked for", value=False, fix="this is a bug in the method setup; please report it"))
-        if "lm_head" in kinds and not asked:
-            problems.append(Problem("freeze_train_lm_head", "the LM head is trainable but was not asked for",
-                                    value=False, fix="this is a bug in the method setup; please report it"))
-    return problems
+def nothing_trainable(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
+    """The rule every method shares: something must train. (Each method's own rules are its record's `verify`;
+    `loraforge.methods.verify_trainable` runs both.)"""
+    if report.trainable:
+        return []
+    return [Problem("method", "nothing is trainable in the built model", value=cfg.method,
+                    fix="check target_modules / freeze settings; see `loraforge inspect`")]

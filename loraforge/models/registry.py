@@ -45,6 +45,14 @@ class Family:
         return bool(self.remote_code_modules)
 
 
+# Model types whose attention honours per-example position_ids in a packed row (transformers builds the
+# block-diagonal mask from position_ids when use_cache=False; FINDINGS trap 2). ALiBi models (bloom, falcon
+# with alibi) and learned absolute positions without that path are not in the list: they are never packed.
+PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma",
+                                  "gemma2", "gemma3_text", "phi3", "glm", "glm4", "olmo", "olmo2", "smollm3", "granite",
+                                  "starcoder2", "cohere"})
+
+
 # Module names were measured on tiny random models built from configs (transformers 5.23, see FINDINGS.md);
 # the remote-code ones come from the published modelling files of each checkpoint.
 FAMILIES: tuple[Family, ...] = (

@@ -1,4 +1,5 @@
-"""The training objective as one module, so DDP sees a single forward that returns (loss sum, trained tokens).
+"""The causal-LM loss (the `sft` objective's loss module, `loraforge/objectives/sft.py`): one module, so DDP sees a
+single forward that returns (loss sum, trained tokens).
 
 Returning the *sum* of token losses (not the mean) lets the loop normalize by the number of trained tokens in
 the whole optimizer step — across micro-batches and processes — so accumulation N × batch B equals batch N·B.
@@ -55,19 +56,6 @@ class CausalLMLoss(nn.Module):
         if logits.shape[1] != labels.shape[1]:  # prompt tuning prepends virtual tokens to the sequence
             logits = logits[:, -labels.shape[1]:]
         return lm_loss_sum(logits, labels)
-
-
-class SeqLoss(nn.Module):
-    """Any HF model whose forward takes `labels` and returns a mean loss (seq2seq, classification, QA,
-    prefix/prompt tuning): the sum is recovered as mean × the number of counted targets the batch reports."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, num_targets: torch.Tensor, **batch):
-        out = self.model(**batch)  # the loop sets config.use_cache=False before training
-        return out.loss.float() * num_targets, num_targets
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

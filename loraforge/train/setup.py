@@ -1,4 +1,8 @@
-"""The named setup steps of the recipe in loop.py: precision, run dir, data, model, step plan, final save."""
+"""The named setup steps of the recipe in loop.py: precision, run dir, data and the step plan, final save.
+
+The model side (base → method → training steps → loss module) is `train/model.py`; which data, collation, target
+count and loss a run uses is its objective's (`loraforge/objectives/`).
+"""
 
 from __future__ import annotations
 
@@ -14,33 +18,18 @@ from typing import Any, Callable
 
 import torch
 
-from loraforge.config import RunConfig, TaskType
+from loraforge.config import RunConfig
+from loraforge.data.batching import choose_batching
 from loraforge.errors import ConfigError, Problem
-from loraforge.train.attention import VARLEN, attention_for, register_varlen_attention
+from loraforge.train.attention import attention_for
 from loraforge.train.checkpoint import STATE_FILE, TrainState, clean_partial, latest_checkpoint, list_checkpoints
-from loraforge.train.loss import trained_token_count
+from loraforge.train.model import build_model
+from loraforge.train.precision import resolve_precision
+from loraforge.train.rundir import RUN_ARTIFACTS
 
-# Model types whose attention honours per-example position_ids in a packed row (transformers builds the
-# block-diagonal mask from position_ids when use_cache=False; FINDINGS trap 2). ALiBi models (bloom, falcon
-# with alibi) and learned absolute positions without that path are not in the list: they are never packed.
-PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma",
-                                  "gemma2", "gemma3_text", "phi3", "glm", "glm4", "olmo", "olmo2", "smollm3", "granite",
-                                  "starcoder2", "cohere"})
-RUN_ARTIFACTS = ("run.json", "metrics.jsonl", "loss.png", "tensorboard", "best", "adapter_config.json",
-                 "adapter_model.safetensors", "config.yaml")
-
-
-def resolve_precision(precision: str) -> str:
-    """`auto` → bf16 where the hardware does it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), fp16 on
-    older GPUs, else fp32. On a CPU without bf16 instructions autocast is emulated and slower than fp32."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    cpu = torch.backends.cpu
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if native and cpu.get_cpu_capability() else "fp32"
+# Re-exported: the recipe (loop.py), the image recipe and the benchmarks import these from here.
+__all__ = ["RUN_ARTIFACTS", "Setup", "StepPlan", "build_accelerator", "build_data", "build_model", "choose_batching",
+           "prepare_run_dir", "resolve_precision", "save_final", "step_plan", "tune_cpu_malloc", "write_run_json"]
 
 
 def tune_cpu_malloc() -> bool:
@@ -126,26 +115,27 @@ def prepare_run_dir(cfg: RunConfig, *, is_main: bool, artifacts: tuple[str, ...]
 
 @dataclass
 class Setup:
-    """Data-side state the loop needs: examples, how micro-batches are collated and counted."""
+    """Data-side state the loop needs: examples, and how the objective collates and counts micro-batches."""
 
     cfg: RunConfig
     model_dir: Path
     tokenizer: Any
-    data: Any  # loraforge.data.dataset.DataBundle
+    data: Any  # the objective's bundle: .train, .val, .stats (a dataset.DataBundle or tasks.TaskDataBundle)
     batching: str
+    objective: Any = None  # loraforge.objectives.Objective; None: the config's own (objective_for)
     val_groups: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.objective is None:
+            from loraforge.objectives import objective_for
+
+            self.objective = objective_for(self.cfg)
 
     def examples(self, val: bool = False):
         return self.data.val if val else self.data.train
 
     def collate(self, micro_batch, val: bool = False) -> dict[str, torch.Tensor]:
-        if self.cfg.task_type is not TaskType.CAUSAL_LM:
-            from loraforge.data.tasks import collate_task
-
-            return collate_task(self.examples(val), micro_batch, self.tokenizer.pad_token_id, self.cfg.task_type)
-        from loraforge.data.batching import collate
-
-        return collate(self.examples(val), micro_batch, self.tokenizer.pad_token_id)
+        return self.objective.collate(self.examples(val), micro_batch, self.tokenizer.pad_token_id, self.cfg)
 
     def feed(self, groups: list[list], *, start: int, rank: int, world_size: int):
         """Yields (group, this process's collated micro-batches) for each optimizer step `groups[start:]`.
@@ -174,7 +164,7 @@ class Setup:
     @lru_cache(maxsize=2)
     def _counts(self, val: bool) -> list[int]:
         # causal LM: labelled next-token positions; other tasks: the targets their mean loss is taken over
-        return [e.num_targets if hasattr(e, "num_targets") else trained_token_count(e.labels) for e in self.examples(val)]
+        return [self.objective.targets(e) for e in self.examples(val)]
 
     def __hash__(self) -> int:  # lru_cache on a method needs a hashable self
         return id(self)
@@ -199,153 +189,24 @@ class _Collated(torch.utils.data.Dataset):
 
 
 def build_data(cfg: RunConfig, say: Callable[[str], None]) -> Setup:
+    """Tokenizer, the objective's train/val examples (stats printed), the batching, and the validation batches."""
     from loraforge.data.batching import make_batches
     from loraforge.data.checks import format_stats
-    from loraforge.data.dataset import build_datasets
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.loader import load_tokenizer
+    from loraforge.objectives import objective_for
 
     model_dir = resolve_model_path(cfg.base_model)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
-    if cfg.task_type is TaskType.CAUSAL_LM:
-        data = build_datasets(cfg, tokenizer)
-    else:
-        from loraforge.data.tasks import build_task_datasets
-
-        data = build_task_datasets(cfg, tokenizer)
+    objective = objective_for(cfg)
+    data = objective.build_data(cfg, tokenizer)
     say(format_stats(data.stats))
-    setup = Setup(cfg, model_dir, tokenizer, data, batching=choose_batching(cfg, model_dir))
+    setup = Setup(cfg, model_dir, tokenizer, data, batching=choose_batching(cfg, model_dir), objective=objective)
     if data.val:
         lengths = [len(e.input_ids) for e in data.val]
         setup.val_groups = make_batches(lengths, cfg.batch_size, "padded", seed=cfg.seed, epoch=0,
                                         row_len=cfg.cutoff_len, shuffle=False)
     return setup
-
-
-def choose_batching(cfg: RunConfig, model_dir: Path) -> str:
-    """auto → packed for causal LMs whose attention honours packed position_ids, else padded."""
-    from loraforge.models.discovery import load_hf_config
-
-    model_type = getattr(load_hf_config(model_dir, cfg.trust_remote_code), "model_type", "")
-    packable = (cfg.task_type is TaskType.CAUSAL_LM and model_type in PACKABLE_MODEL_TYPES
-                and cfg.method not in ("prefix", "ptuning", "prompt"))
-    if cfg.batching == "auto":
-        return "packed" if packable else "padded"
-    if cfg.batching == "packed" and not packable:
-        raise ConfigError([Problem("batching", f"packing is not safe for model type `{model_type}` with method "
-                                   f"`{cfg.method}`: attention could cross example boundaries", value="packed",
-                                   allowed="padded, grouped", fix="use `batching: grouped`")])
-    return cfg.batching
-
-
-def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str], None], data=None):
-    """Load the base, apply the method, verify what trains. Returns (model, loss module, trainable report)."""
-    import importlib
-
-    from loraforge.methods import METHODS, apply_method
-    from loraforge.methods.report import trainable_report, verify_trainable
-    from loraforge.models.loader import load_model
-    from loraforge.train.loss import CausalLMLoss, SeqLoss
-
-    # A method may need extra load arguments (QLoRA: the bitsandbytes quantization config; native P-tuning v2:
-    # pre_seq_len); a classification run needs its label list for the head.
-    method_module = importlib.import_module(f"loraforge.methods.{METHODS[cfg.method]}")
-    extra = method_module.load_kwargs(cfg) if hasattr(method_module, "load_kwargs") else {}
-    id2label = getattr(data, "id2label", None)
-    if id2label:
-        extra.update(num_labels=len(id2label), id2label=id2label)
-    model = load_model(model_dir, cfg.task_type, dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation,
-                       trust_remote_code=cfg.trust_remote_code, **extra)
-    model.config.use_cache = False  # packed rows need it off (FINDINGS trap 2); training never uses the cache
-    attention = attention_for(cfg.attn_implementation, choose_batching(cfg, model_dir))
-    if attention == VARLEN:
-        # packed rows: attention per example (Σ L² work) instead of one masked T² block over the whole row
-        model.set_attn_implementation(register_varlen_attention())
-    model = apply_method(model, cfg)
-    if cfg.method == "lora" and cfg.fused_lora_dropout:
-        from loraforge.methods.lora_dropout import fuse_lora_dropout
-
-        fuse_lora_dropout(model)  # PEFT's math, without keeping each layer's dropped-out input
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.precision))
-    if cfg.method == "lora" and not cfg.use_dora and compute_dtype is not None:
-        cast_frozen_linears(model, compute_dtype)
-        keep_lora_input_dtype(model)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    report = trainable_report(model)
-    problems = verify_trainable(report, cfg)
-    if problems:
-        raise ConfigError(problems, title="the built model does not train what the config asks for")
-    say(report.table())
-    if cfg.task_type is TaskType.CAUSAL_LM:
-        loss = CausalLMLoss(model, chunked=cfg.chunked_loss)
-    elif cfg.task_type is TaskType.FEATURE_EXTRACTION:
-        from loraforge.data.tasks import ContrastiveLoss
-
-        loss = ContrastiveLoss(model)
-    else:
-        loss = SeqLoss(model)
-    if cfg.torch_compile:
-        compiled = compile_in_place(loss)
-        say(f"torch.compile: {type(compiled).__name__} (compiled on its first steps; each new shape recompiles)")
-    return model, loss, report
-
-
-def compile_in_place(loss: torch.nn.Module) -> torch.nn.Module:
-    """`torch.compile` the module the loss really calls, in place; returns it.
-
-    In place (`Module.compile`), not `torch.compile(model)`: a wrapper would prefix every state-dict key with
-    `_orig_mod.`, and the fused LM-head loss never calls the model's own forward: it calls the backbone and
-    the head separately, so compiling the whole model would silently compile nothing.
-    """
-    from loraforge.train.loss import CausalLMLoss
-
-    split = loss.backbone_and_head() if isinstance(loss, CausalLMLoss) else None
-    target = split[0] if split is not None else loss.model
-    target.compile()
-    return target
-
-
-def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Store frozen linear weights (and biases) in the autocast dtype; returns how many layers were cast.
-
-    Autocast casts a frozen fp32 weight at every use (its cast cache holds only leaves that require grad), so
-    this gives the very same matmuls without the per-step casts (measured: 3.5% faster SmolLM2 LoRA steps on
-    CPU). Only for adapter training: the base weights are never saved. Weights shared with an embedding (a tied
-    LM head) stay fp32, since the embedding output starts the fp32 residual stream.
-    """
-    embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    cast = 0
-    for module in model.modules():
-        if type(module) is not torch.nn.Linear or module.weight.requires_grad or id(module.weight) in embedding_params \
-                or (module.bias is not None and module.bias.requires_grad):
-            continue
-        module.weight.data = module.weight.data.to(dtype)
-        if module.bias is not None:
-            module.bias.data = module.bias.data.to(dtype)
-        cast += 1
-    return cast
-
-
-def keep_lora_input_dtype(model: torch.nn.Module) -> int:
-    """Let LoRA layers take their input in the dtype it arrives in (for training under autocast only).
-
-    PEFT casts a LoRA layer's input to the adapter weights' dtype (fp32) before `lora_A`; under autocast the
-    matmul casts it straight back, so a bf16 input (o_proj's, down_proj's) makes two full-size copies forward,
-    two more backward, and autograd keeps the fp32 copy. bf16 → fp32 → bf16 is exact: same numbers, fewer
-    passes over memory. Only layers whose dropout is identity (p = 0, or fused into DropoutLinear): PEFT's own
-    dropout would draw a different mask for a bf16 tensor. Returns how many layers were changed.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()):
-            module.cast_input_dtype_enabled = False
-            changed += 1
-    return changed
 
 
 @dataclass

@@ -1,0 +1,88 @@
+"""LoRA's post-build training steps: faster training of the very same PEFT model, saved and loaded as plain PEFT.
+
+They run after `lora.apply`, for training only (the trainer never saves what they change: frozen base weights and
+layer internals), in this order:
+1. `fuse_dropout` — PEFT's `lora_A(dropout(x))` as one autograd function keeping a 1-byte mask
+   (`lora_dropout.DropoutLinear`), when `fused_lora_dropout` is on;
+2. `cast_frozen` — under bf16/fp16 autocast, frozen linear weights stored in the autocast dtype, and LoRA layers
+   taking their input in the dtype it arrives in (not DoRA: its magnitude math reads the base weight in fp32).
+
+Only the `lora` record lists them; QLoRA's 4-bit base layers are not `nn.Linear` and keep PEFT's own path.
+A new training-only kernel for LoRA (a fused LoRA linear, say) is one more step here, listed in
+`LORA_TRAINING_STEPS`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from loraforge.config import RunConfig
+    from loraforge.methods.base import TrainingContext
+
+
+def fuse_dropout(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) -> None:
+    """Swap PEFT's dropout-then-`lora_A` for `DropoutLinear` (same math, a 1-byte mask instead of the dropped-out
+    input kept for backward)."""
+    if not cfg.fused_lora_dropout:
+        return
+    from loraforge.methods.lora_dropout import fuse_lora_dropout
+
+    fuse_lora_dropout(model)
+
+
+def cast_frozen(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) -> None:
+    """Frozen weights in the autocast dtype and no fp32 round trip of LoRA inputs (bf16/fp16 runs, not DoRA)."""
+    if cfg.use_dora or ctx.compute_dtype is None:
+        return
+    cast_frozen_linears(model, ctx.compute_dtype)
+    keep_lora_input_dtype(model)
+
+
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen linear weights (and biases) in the autocast dtype; returns how many layers were cast.
+
+    Autocast casts a frozen fp32 weight at every use (its cast cache holds only leaves that require grad), so
+    this gives the very same matmuls without the per-step casts (measured: 3.5% faster SmolLM2 LoRA steps on
+    CPU). Only for adapter training: the base weights are never saved. Weights shared with an embedding (a tied
+    LM head) stay fp32, since the embedding output starts the fp32 residual stream.
+    """
+    import torch
+
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    cast = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module.weight.requires_grad or id(module.weight) in embedding_params \
+                or (module.bias is not None and module.bias.requires_grad):
+            continue
+        module.weight.data = module.weight.data.to(dtype)
+        if module.bias is not None:
+            module.bias.data = module.bias.data.to(dtype)
+        cast += 1
+    return cast
+
+
+def keep_lora_input_dtype(model: torch.nn.Module) -> int:
+    """Let LoRA layers take their input in the dtype it arrives in (for training under autocast only).
+
+    PEFT casts a LoRA layer's input to the adapter weights' dtype (fp32) before `lora_A`; under autocast the
+    matmul casts it straight back, so a bf16 input (o_proj's, down_proj's) makes two full-size copies forward,
+    two more backward, and autograd keeps the fp32 copy. bf16 → fp32 → bf16 is exact: same numbers, fewer
+    passes over memory. Only layers whose dropout is identity (p = 0, or fused into DropoutLinear): PEFT's own
+    dropout would draw a different mask for a bf16 tensor. Returns how many layers were changed.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and all(isinstance(d, torch.nn.Identity) for d in module.lora_dropout.values()):
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed
+
+
+# The order matters: `keep_lora_input_dtype` only touches layers whose dropout is already identity (fused).
+LORA_TRAINING_STEPS = (fuse_dropout, cast_frozen)
