@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.objectives.base import Objective
-from loraforge.objectives.model_loss import build_task_data, collate_task_rows, num_targets
+from loraforge.data.tasks import build_task_datasets
+from loraforge.objectives.model_loss import collate_task_rows, num_targets
 
 if TYPE_CHECKING:
     from loraforge.config import RunConfig
@@ -64,6 +65,6 @@ def contrastive_loss(model: nn.Module, cfg: RunConfig) -> nn.Module:
     return ContrastiveLoss(model)
 
 
-OBJECTIVE = Objective(name="contrastive", build_data=build_task_data, collate=collate_task_rows,
+OBJECTIVE = Objective(name="contrastive", build_data=build_task_datasets, collate=collate_task_rows,
                       batch_fields=("input_ids", "attention_mask", "num_targets"), targets=num_targets,
                       loss=contrastive_loss)

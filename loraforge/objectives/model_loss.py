@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
+from loraforge.data.tasks import build_task_datasets, collate_task
 from loraforge.objectives.base import Objective
 
 if TYPE_CHECKING:
@@ -33,16 +34,9 @@ class ModelLoss(nn.Module):
         return out.loss.float() * num_targets, num_targets
 
 
-def build_task_data(cfg: RunConfig, tokenizer: Any):
-    from loraforge.data.tasks import build_task_datasets
-
-    return build_task_datasets(cfg, tokenizer)
-
-
 def collate_task_rows(examples: Sequence[Any], micro_batch: Sequence[Sequence[int]], pad_token_id: int,
                       cfg: RunConfig):
-    from loraforge.data.tasks import collate_task
-
+    """The task's model inputs and targets, plus `num_targets` (see `data.tasks.collate_task`)."""
     return collate_task(examples, micro_batch, pad_token_id, cfg.task_type)
 
 
@@ -56,7 +50,7 @@ def model_loss(model: nn.Module, cfg: RunConfig) -> nn.Module:
 
 
 def _task_objective(name: str, *fields: str) -> Objective:
-    return Objective(name=name, build_data=build_task_data, collate=collate_task_rows,
+    return Objective(name=name, build_data=build_task_datasets, collate=collate_task_rows,
                      batch_fields=("input_ids", "attention_mask", *fields, "num_targets"), targets=num_targets,
                      loss=model_loss)
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+from loraforge.data.batching import collate as collate_rows
+from loraforge.data.dataset import build_datasets
 from loraforge.objectives.base import Objective
+from loraforge.train.loss import CausalLMLoss, trained_token_count
 
 if TYPE_CHECKING:
     from torch import nn
@@ -14,30 +17,19 @@ if TYPE_CHECKING:
     from loraforge.config import RunConfig
 
 
-def build_data(cfg: RunConfig, tokenizer: Any):
-    from loraforge.data.dataset import build_datasets
-
-    return build_datasets(cfg, tokenizer)
-
-
 def collate(examples: Sequence[Any], micro_batch: Sequence[Sequence[int]], pad_token_id: int, cfg: RunConfig):
-    from loraforge.data.batching import collate as collate_rows
-
+    """`input_ids` + `labels`, and an `attention_mask` (one example per row) or `position_ids` (packed rows)."""
     return collate_rows(examples, micro_batch, pad_token_id)
 
 
 def targets(example: Any) -> int:
     """Labelled next-token positions (the first label of an example is never a target)."""
-    from loraforge.train.loss import trained_token_count
-
     return trained_token_count(example.labels)
 
 
 def loss(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    from loraforge.train.loss import CausalLMLoss
-
     return CausalLMLoss(model, chunked=cfg.chunked_loss)
 
 
-OBJECTIVE = Objective(name="sft", build_data=build_data, collate=collate, batch_fields=("input_ids", "labels"),
+OBJECTIVE = Objective(name="sft", build_data=build_datasets, collate=collate, batch_fields=("input_ids", "labels"),
                       optional_fields=("attention_mask", "position_ids"), targets=targets, loss=loss)
