@@ -111,7 +111,9 @@ class Method:
         saves_adapter: the run dir is a PEFT adapter (else a complete transformers model).
         estimate_params: `(cfg, ModelShape) -> ParamEstimate` for `loraforge estimate` (no weights loaded).
         verify: `(TrainableReport, cfg) -> problems` on the built model: what trains is what the config asked for.
-        load_kwargs: `(cfg, hf_config) -> extra from_pretrained kwargs` (quantization, native prefix encoder).
+        load_kwargs: `(cfg, hf_config) -> keyword arguments for models.loader.load_model` (quantization, native
+            prefix encoder); they win over the config's `dtype` / `attn_implementation` (a method may load its
+            frozen base in the compute dtype).
         check: `(cfg, hf_config) -> problems` for preflight, from config.json alone (combinations known broken).
         training_steps: post-build, training-only changes, run in order after `apply` (see `TrainingStep`).
         uses_target_modules: `target_modules` picks the adapted layers (preflight checks them on the real module

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 # Virtual tokens lengthen the sequence (prompt, ptuning) — unlike prefix tuning, which adds keys/values only.
 LENGTHENS_SEQUENCE = ("prompt", "ptuning")
-PROMPT_LEARNING = ("prefix", "ptuning", "prompt")
 
 
 def model_kind_of(hf_config: Any) -> str:

@@ -52,12 +52,14 @@ def load_base(cfg: RunConfig, model_dir: Path, method, data=None) -> torch.nn.Mo
     from loraforge.models.discovery import load_hf_config
     from loraforge.models.loader import load_model
 
-    extra: dict[str, Any] = dict(method.load_kwargs(cfg, load_hf_config(model_dir, cfg.trust_remote_code)))
+    kwargs: dict[str, Any] = {"dtype": cfg.torch_dtype, "attn_implementation": cfg.attn_implementation,
+                              "trust_remote_code": cfg.trust_remote_code}
+    # the method's load-time kwargs may also override these (a method that loads frozen weights in bf16)
+    kwargs.update(method.load_kwargs(cfg, load_hf_config(model_dir, cfg.trust_remote_code)))
     id2label = getattr(data, "id2label", None)
     if id2label:
-        extra.update(num_labels=len(id2label), id2label=id2label)
-    model = load_model(model_dir, cfg.task_type, dtype=cfg.torch_dtype, attn_implementation=cfg.attn_implementation,
-                       trust_remote_code=cfg.trust_remote_code, **extra)
+        kwargs.update(num_labels=len(id2label), id2label=id2label)
+    model = load_model(model_dir, cfg.task_type, **kwargs)
     model.config.use_cache = False  # packed rows need it off (FINDINGS trap 2); training never uses the cache
     if attention_for(cfg.attn_implementation, choose_batching(cfg, model_dir)) == VARLEN:
         # packed rows: attention per example (Σ L² work) instead of one masked T² block over the whole row
