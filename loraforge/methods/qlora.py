@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.config.methods import QLORA
 from loraforge.errors import ModelError, Problem
-from loraforge.methods import lora
 from loraforge.methods.base import Method, ModelShape, ParamEstimate
+from loraforge.methods.lora import estimate_params as lora_estimate_params
+from loraforge.methods.lora import lora_config
+from loraforge.methods.lora import verify as verify_lora
 
 if TYPE_CHECKING:
     from torch import nn
@@ -129,7 +131,7 @@ def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.init_adapter is not None:
         return PeftModel.from_pretrained(model, str(cfg.init_adapter), is_trainable=True)
-    return get_peft_model(model, lora.lora_config(cfg, model))
+    return get_peft_model(model, lora_config(cfg, model))
 
 
 def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
@@ -142,7 +144,7 @@ def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
         per = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.bnb_4bit_use_double_quant else 4 / 64)
     total = sum(shape.params.values()) * shape.weight_bytes
     weights = int(total - quantized * shape.weight_bytes + quantized * per)
-    return replace(lora.estimate_params(cfg, shape), weights_bytes=weights)
+    return replace(lora_estimate_params(cfg, shape), weights_bytes=weights)
 
 
 METHOD = Method(
@@ -150,7 +152,7 @@ METHOD = Method(
     apply=apply,
     saves_adapter=True,
     estimate_params=estimate_params,
-    verify=lora.verify,
+    verify=verify_lora,
     load_kwargs=load_kwargs,
     check=check,
     uses_target_modules=True,
