@@ -27,7 +27,8 @@ from loraforge.train.model import build_model
 from loraforge.train.precision import resolve_precision
 from loraforge.train.rundir import RUN_ARTIFACTS
 
-# Re-exported: the recipe (loop.py), the image recipe and the benchmarks import these from here.
+# What the recipe (loop.py), the image recipe, the benchmarks and tests import from here; `build_model`,
+# `choose_batching`, `resolve_precision` and `RUN_ARTIFACTS` live in the modules imported above.
 __all__ = ["RUN_ARTIFACTS", "Setup", "StepPlan", "build_accelerator", "build_data", "build_model", "choose_batching",
            "prepare_run_dir", "resolve_precision", "save_final", "step_plan", "tune_cpu_malloc", "write_run_json"]
 
