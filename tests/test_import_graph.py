@@ -63,7 +63,7 @@ def test_the_checked_packages_have_modules():
 @pytest.mark.parametrize("module", sorted(_graph()))
 def test_no_import_cycle(module):
     graph = _graph()
-    # A package's __init__ re-exporting its submodules is the one allowed edge back up: submodules never import
-    # their own package's __init__ (they import the sibling they need), so it closes no cycle.
+    # A package's __init__ imports its submodules to re-export them, so a submodule imports the sibling it needs
+    # directly, never `from loraforge.<its own package> import ...`: that closes a cycle and fails here.
     cycle = _cycle_through(graph, module)
     assert cycle is None, " → ".join(cycle)
