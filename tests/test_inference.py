@@ -146,3 +146,8 @@ def test_chat_repl_switches_adapters(model):
     assert out.index("CARDIO-7") < out.index("switched to `diabetes`") < out.index("GLUCO-3")
     assert "unknown adapter `nope`" in out and "current: base" in out and "conversation cleared" in out
     assert history == []  # /reset cleared it before /quit
+
+
+def test_chat_repl_refuses_an_unknown_start_adapter(model):
+    with pytest.raises(ModelError, match="no adapter with this name"):
+        chat_repl(model, input_fn=lambda prompt: "/quit", print_fn=lambda *a, **k: None, adapter="cardiologgy")

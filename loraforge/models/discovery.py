@@ -10,14 +10,16 @@ entry of a list matches, PEFT silently ignores the others (FINDINGS.md trap 3) â
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from loraforge.config.schema import TaskType
-from loraforge.errors import ModelError, Problem, did_you_mean, suggestion
+from loraforge.errors import ModelError, Problem, did_you_mean
+# load_hf_config, is_remote_placeholder and remote_code_problem are imported from here by preflight, estimate,
+# inspect and methods; they live in hf_config, which loader imports too, so the two modules need no cycle.
+from loraforge.models.hf_config import (AUTO_CLASSES, is_remote_placeholder, load_hf_config,  # noqa: F401
+                                        remote_code_problem)
 from loraforge.models.registry import Family, family_for
 
 if TYPE_CHECKING:
@@ -56,61 +58,6 @@ class LinearInfo:
 
 # ----------------------------------------------------------------------------------------------- config + build
 
-def is_remote_placeholder(hf_config: Any) -> bool:
-    """True for a config we could only read as plain JSON (its remote code is unavailable or not trusted)."""
-    from transformers import PreTrainedConfig
-
-    return type(hf_config) is PreTrainedConfig
-
-
-def load_hf_config(model_dir: str | Path, trust_remote_code: bool = False) -> Any:
-    """The model's config, read from `model_dir/config.json` (or a built-in name).
-
-    For a remote-code checkpoint whose code cannot run (trust_remote_code off, code files absent, or code that
-    needs an older transformers) this returns a plain `PreTrainedConfig` holding the JSON fields, so the kind,
-    family and registry module names can still be checked; building or loading the model then fails clearly.
-
-    Raises:
-        ModelError: no such model, no config.json, or a `model_type` transformers does not know.
-    """
-    from transformers import AutoConfig, PreTrainedConfig
-
-    from loraforge.models.gguf import resolve_model_path
-
-    path = resolve_model_path(model_dir)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ModelError([Problem("base_model", "folder has no config.json", value=str(path),
-                                  fix="point base_model at a Hugging Face model folder")])
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, ImportError, AttributeError, TypeError) as err:
-        raw = json.loads(cfg_file.read_text())
-        if raw.get("auto_map") or family_for(raw) is not None:
-            # Remote-code checkpoint: keep its fields for registry-based checks.
-            return PreTrainedConfig(**raw)
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-        model_type = raw.get("model_type")
-        raise ModelError([Problem(
-            f"{cfg_file}:model_type", f"transformers cannot read this config: {str(err).splitlines()[0]}",
-            value=model_type, allowed="a model_type known to the installed transformers",
-            fix=suggestion(str(model_type), CONFIG_MAPPING_NAMES) or "check config.json")]) from None
-
-
-def remote_code_problem(hf_config: Any, trust_remote_code: bool) -> Problem:
-    fam = family_for(hf_config)
-    name = fam.name if fam else getattr(hf_config, "model_type", "?")
-    if not trust_remote_code:
-        return Problem("trust_remote_code", f"`{name}` models run their own Python code from the checkpoint",
-                       value=False, allowed="true to run the checkpoint's code",
-                       fix="set `trust_remote_code: true` if you trust this checkpoint")
-    return Problem("base_model", f"the `{name}` checkpoint's own code could not be loaded (its .py files are "
-                   "missing or need an older transformers; ChatGLM2/3 need transformers < 4.42)",
-                   value=name, fix="use the native transformers port of the model (e.g. the `-hf` checkpoints "
-                   "of GLM-4) or an environment with the transformers version the checkpoint was written for")
-
-
 def meta_model(hf_config: Any, task_type: TaskType = TaskType.CAUSAL_LM, trust_remote_code: bool = False) -> "nn.Module":
     """Build the model for `task_type` from its config on the meta device: every module and shape, no memory.
 
@@ -119,8 +66,6 @@ def meta_model(hf_config: Any, task_type: TaskType = TaskType.CAUSAL_LM, trust_r
     """
     import torch
     import transformers
-
-    from loraforge.models.loader import AUTO_CLASSES
 
     if is_remote_placeholder(hf_config):
         raise ModelError([remote_code_problem(hf_config, trust_remote_code)])
@@ -296,21 +241,10 @@ def check_target_modules(hf_config: Any, model: "nn.Module | None",
     """
     if target_modules is None:
         return []
-    fallback_note = ""
-    if model is None:
-        fam, leaf_names = _family_fallback(hf_config)
-        if not leaf_names:
-            return []  # nothing to check against; building/loading the model reports why it is unavailable
-        layers: list[LinearInfo] = []
-        linear_names = leaf_names
-        other_names: list[str] = []
-        fallback_note = (f" (checked against loraforge's registry of {fam.name} module names, because the model's "
-                         "remote code is not available here)")
-    else:
-        layers = linear_modules(model)
-        linear_names = [i.name for i in layers]
-        leaf_names = list(dict.fromkeys(i.leaf for i in layers))
-        other_names = _adaptable_names(model)
+    known = _known_names(hf_config, model)
+    if known is None:
+        return []  # nothing to check against; building/loading the model reports why it is unavailable
+    layers, linear_names, leaf_names, other_names, fallback_note = known
     allowed = ", ".join(leaf_names)
 
     if isinstance(target_modules, str):
@@ -355,23 +289,48 @@ def check_target_modules(hf_config: Any, model: "nn.Module | None",
         missed.append((i, entry, near))
         corrected += near[:1] if not (_roles_of_name(entry) & {"qkv"}) else near
     fixed_list = "[" + ", ".join(dict.fromkeys(corrected)) + "]"
-    for i, entry, near in missed:
-        if model is not None and _regex_hits(entry, linear_names):
-            problems.append(Problem(
-                f"target_modules[{i}]", f"list entries are module names, not regular expressions{fallback_note}",
-                value=entry, allowed=allowed,
-                fix=f"give the regex as the whole value (`target_modules: '{entry}'`), or list names"))
-            continue
-        what = sorted(_roles_of_name(entry))
-        role = f" (the {_ROLE_WORDS[what[0]]} projection)" if len(what) == 1 else ""
-        if near:
-            fix = f"use `{near[0]}`" + (f" (or {', '.join(f'`{n}`' for n in near[1:])})" if len(near) > 1 else "")
-            fix += f" instead of `{entry}`{role}; e.g. target_modules: {fixed_list}"
-        else:
-            fix = "pick names from the allowed list, or use `all-linear`"
-        problems.append(Problem(f"target_modules[{i}]", f"no module of this model is named `{entry}`{fallback_note}",
-                                value=entry, allowed=allowed, fix=fix))
-    return problems
+    regex_names = linear_names if model is not None else []
+    return problems + [_missed_problem(i, entry, near, fixed_list, regex_names, allowed, fallback_note)
+                       for i, entry, near in missed]
+
+
+def _known_names(hf_config: Any, model: "nn.Module | None"
+                 ) -> tuple[list[LinearInfo], list[str], list[str], list[str], str] | None:
+    """What target_modules entries are checked against: (linear layers, their full names, their leaf names,
+    other adaptable module names, a note for the problems), or None when nothing is known.
+
+    Without a model (remote code unavailable) only the registry's leaf names of the family are known.
+    """
+    if model is None:
+        fam, leaf_names = _family_fallback(hf_config)
+        if not leaf_names:
+            return None
+        note = (f" (checked against loraforge's registry of {fam.name} module names, because the model's "
+                "remote code is not available here)")
+        return [], leaf_names, leaf_names, [], note
+    layers = linear_modules(model)
+    return (layers, [i.name for i in layers], list(dict.fromkeys(i.leaf for i in layers)), _adaptable_names(model),
+            "")
+
+
+def _missed_problem(i: int, entry: str, near: list[str], fixed_list: str, linear_names: list[str], allowed: str,
+                    fallback_note: str) -> Problem:
+    """The problem of a list entry that names no module: a regex given as a list entry, or the nearest names
+    (with the whole corrected list as the fix)."""
+    if _regex_hits(entry, linear_names):
+        return Problem(f"target_modules[{i}]",
+                       f"list entries are module names, not regular expressions{fallback_note}", value=entry,
+                       allowed=allowed,
+                       fix=f"give the regex as the whole value (`target_modules: '{entry}'`), or list names")
+    what = sorted(_roles_of_name(entry))
+    role = f" (the {_ROLE_WORDS[what[0]]} projection)" if len(what) == 1 else ""
+    if near:
+        fix = f"use `{near[0]}`" + (f" (or {', '.join(f'`{n}`' for n in near[1:])})" if len(near) > 1 else "")
+        fix += f" instead of `{entry}`{role}; e.g. target_modules: {fixed_list}"
+    else:
+        fix = "pick names from the allowed list, or use `all-linear`"
+    return Problem(f"target_modules[{i}]", f"no module of this model is named `{entry}`{fallback_note}",
+                   value=entry, allowed=allowed, fix=fix)
 
 
 def _regex_hits(entry: str, names: Sequence[str]) -> bool:

@@ -11,19 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.config.schema import TaskType
 from loraforge.errors import ModelError, Problem
+# AUTO_CLASSES is also imported from here (tests, tiny.py); it lives in hf_config, below discovery and loader.
+from loraforge.models.hf_config import AUTO_CLASSES, is_remote_placeholder, load_hf_config, remote_code_problem
+from loraforge.models.registry import check_task_type
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-AUTO_CLASSES: dict[TaskType, str] = {
-    TaskType.CAUSAL_LM: "AutoModelForCausalLM",
-    TaskType.SEQ_2_SEQ_LM: "AutoModelForSeq2SeqLM",
-    TaskType.SEQ_CLS: "AutoModelForSequenceClassification",
-    TaskType.TOKEN_CLS: "AutoModelForTokenClassification",
-    TaskType.QUESTION_ANSWERING: "AutoModelForQuestionAnswering",
-    TaskType.FEATURE_EXTRACTION: "AutoModel",
-}
 
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16", "half": "float16"}
@@ -80,9 +74,6 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> "P
 
 
 def _check_loadable(path: Path, hf_config: Any, task_type: TaskType, trust_remote_code: bool) -> None:
-    from loraforge.models.discovery import is_remote_placeholder, remote_code_problem
-    from loraforge.models.registry import check_task_type
-
     if is_remote_placeholder(hf_config):
         raise ModelError([remote_code_problem(hf_config, trust_remote_code)])
     problems = check_task_type(hf_config, task_type)
@@ -117,7 +108,6 @@ def load_model(model_dir: str | Path, task_type: TaskType, *, dtype: "str | torc
     """
     import transformers
 
-    from loraforge.models.discovery import load_hf_config
     from loraforge.models.gguf import resolve_model_path
 
     path = resolve_model_path(model_dir)

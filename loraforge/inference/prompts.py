@@ -1,0 +1,46 @@
+"""Prompt token ids rendered as in training, and the token ids that end an answer."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from loraforge.inference.settings import Message
+
+
+def render_prompt_ids(tokenizer: Any, messages: Sequence[Message], template: str = "auto",
+                      system_prompt: str | None = None) -> list[int]:
+    """Token ids of a chat prompt ending with the assistant generation prompt, rendered exactly as in training.
+
+    The training data pipeline owns the template code (`loraforge.data.templates`); this is the one place
+    inference calls it, with the tokenizer's own chat template as a fallback for older installs.
+    """
+    msgs = [dict(m) for m in messages]
+    if system_prompt and not any(m.get("role") == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        from loraforge.data.templates import build_generation_ids
+    except ImportError:
+        build_generation_ids = None
+    if build_generation_ids is not None:
+        return list(build_generation_ids(tokenizer, msgs, template))
+    text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def end_token_ids(tokenizer: Any, model_config: Any, template: str = "auto") -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS, the model's generation EOS ids and the template's
+    end-of-turn token (`<|im_end|>` for ChatML)."""
+    ids: list[int] = []
+    gen = getattr(model_config, "eos_token_id", None)
+    for value in ([gen] if isinstance(gen, int) else list(gen or [])) + [tokenizer.eos_token_id]:
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    try:
+        from loraforge.data.templates import stop_token_ids
+    except ImportError:
+        stop_token_ids = None
+    if stop_token_ids is not None:
+        extra = list(stop_token_ids(tokenizer, template))
+    else:
+        extra = [t for t in (tokenizer.convert_tokens_to_ids("<|im_end|>"),) if isinstance(t, int) and t != tokenizer.unk_token_id]
+    return ids + [t for t in extra if t not in ids]
