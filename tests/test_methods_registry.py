@@ -79,10 +79,6 @@ def test_no_method_name_branches_outside_the_method_modules():
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if _NAME_BRANCH.search(line.split("#")[0]):
                 offenders.append(f"{rel}:{i}: {line.strip()}")
-    # The adapter loader of inference (being split out of inference.py, issue 13 point 4) still refuses a full/freeze
-    # run dir by name; it is matched by its text so that it can move. Remove this line once it asks the record
-    # (`not methods.is_adapter_method(...)`).
-    offenders = [o for o in offenders if 'run_cfg.get("method") in ("full", "freeze")' not in o]
     assert not offenders, "ask the method's record instead:\n" + "\n".join(offenders)
 
 

@@ -87,7 +87,7 @@ class AdapterPool:
             raise ModelError([Problem(f"adapter `{name}`", f"cannot read adapter_config.json: {err}", value=str(resolved))]) from err
         peft_type = str(getattr(config.peft_type, "value", config.peft_type))
         run_cfg = read_run_config(resolved)
-        if run_cfg.get("method") in ("full", "freeze"):
+        if _saves_complete_model(run_cfg.get("method")):
             raise ModelError([Problem(f"adapter `{name}`", "a full/freeze run is a complete model", value=str(resolved),
                                       fix=f"use it as the base model: --base {resolved}")])
         self._read_weights(name, resolved, internal, config, peft_type)
@@ -170,3 +170,10 @@ class AdapterPool:
     def _lora_off(self) -> Any:
         """A context in which the LoRA layers (if any are loaded) compute the plain base model."""
         return self._lora.disable_adapter() if self._lora is not None else nullcontext()
+
+
+def _saves_complete_model(method: str | None) -> bool:
+    """True for a loraforge run dir whose method saves a complete model (full, freeze), not an adapter."""
+    from loraforge.methods import METHODS, is_adapter_method
+
+    return method in METHODS and not is_adapter_method(method)
