@@ -42,7 +42,7 @@ def base_config(args: argparse.Namespace, output_dir: str, **overrides: Any):
     from loraforge.config.loader import config_from_dict
 
     raw = {
-        "base_model": "smollm2", "task_type": "CAUSAL_LM", "metadata_path": str(args.data),
+        "base_model": args.base_model, "task_type": "CAUSAL_LM", "metadata_path": str(args.data),
         "method": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear",
         "cutoff_len": args.cutoff, "batch_size": args.batch_size,
         "gradient_accumulation_steps": args.accum, "max_steps": args.steps, "learning_rate": args.lr,
@@ -107,6 +107,8 @@ def worker(args: argparse.Namespace) -> None:
         "s_per_step": timed / (steps - 1) if steps > 1 else None,
         "first_step_s": clock.times[0] - T_PROCESS if steps else None,
         "peak_rss_mb": peak_rss_bytes() / 2**20,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "tokens": sum(tokens), "sequences": sum(len(mb) for mb in batches[:steps * per_step]),
         **result,
     }), flush=True)
 
@@ -154,7 +156,8 @@ def run_baseline(cfg, args: argparse.Namespace) -> dict[str, Any]:
             output_dir=out, per_device_train_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps,
             learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+            max_grad_norm=cfg.max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
+            use_cpu=not torch.cuda.is_available(),
             bf16=precision == "bf16", train_sampling_strategy="random", gradient_checkpointing=False,
             dataloader_num_workers=0, remove_unused_columns=False, seed=cfg.seed, disable_tqdm=True)
 
@@ -192,6 +195,7 @@ def _parse_value(v: str) -> Any:
 
 def launch(args: argparse.Namespace, engine: str, setting: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", engine, "--set", setting, "--data", str(args.data),
+           "--base-model", str(args.base_model),
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--accum", str(args.accum),
            "--precision", args.precision, "--threads", str(args.threads), "--cutoff", str(args.cutoff),
            "--lr", str(args.lr)]
@@ -210,6 +214,8 @@ def summarize(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     tail = last["losses"][len(last["losses"]) // 2:]
     return {"name": name, "tokens_per_s": med("tokens_per_s"), "s_per_step": med("s_per_step"),
             "first_step_s": med("first_step_s"), "peak_rss_mb": med("peak_rss_mb"), "final_loss": last["final_loss"],
+            "peak_gpu_mb": statistics.median(r["peak_gpu_mb"] for r in runs) if last.get("peak_gpu_mb") else None,
+            "mean_seq_tokens": last["tokens"] / max(last["sequences"], 1),
             "tail_loss": sum(tail) / len(tail), "batching": last["batching"], "precision": last["precision"],
             "trainable": last["trainable"], "runs": len(runs),
             "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in runs]}
@@ -218,6 +224,7 @@ def summarize(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="alpaca-format JSON (default: %(default)s)")
+    p.add_argument("--base-model", default="smollm2", help="model for both engines (default: %(default)s)")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is not timed)")
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch size (examples)")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
