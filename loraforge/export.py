@@ -12,14 +12,13 @@ prompts; in float32 the largest difference must be <= 1e-4.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loraforge.atomic import atomic_dir
 from loraforge.errors import LoraforgeError, ModelError, Problem
 
 # Float32 merge error is ~1e-6 (summation order); 16-bit weights round each element to ~3 significant
@@ -129,9 +128,7 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path, *, base: str | Path 
         reference = model(**samples).logits.float() if verify else None
         merged = model.merge_and_unload()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if merged.generation_config is not None:
@@ -153,12 +150,6 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path, *, base: str | Path 
                              samples=int(samples["input_ids"].shape[0]), seconds=0.0)
         report.seconds = round(time.perf_counter() - start, 2)
         (tmp / "loraforge_merge.json").write_text(json.dumps(asdict(report), indent=1), encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 

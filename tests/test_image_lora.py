@@ -224,6 +224,30 @@ def test_ctrl_c_checkpoints_and_resume_replays_the_uninterrupted_run(run, base, 
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def test_a_diverged_loss_stops_with_the_text_recipes_error(base, data_dir, tmp_path, monkeypatch):
+    """Both recipes share one engine: a NaN loss in step 2 raises the text recipe's TrainingDiverged, naming the
+    step and the last good checkpoint, and leaves no final LoRA."""
+    import loraforge.image.train as image_train
+    from loraforge.train.loop import TrainingDiverged
+
+    calls = []
+    real_loss = image_train._micro_batch_loss
+
+    def nan_from_step_2(*args, **kwargs):  # micro-batches 3 and 4 make step 2 (2 per step)
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 2 else loss
+
+    monkeypatch.setattr(image_train, "_micro_batch_loss", nan_from_step_2)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged) as e:
+        image_train.train_image_lora(_cfg(base, data_dir, out, save_steps=1), echo=lambda _m: None)
+    text = e.value.format()
+    assert "step 2: loss is nan" in text and f"last good checkpoint: {out / 'checkpoint-1'}" in text
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert [r["step"] for r in _metrics(out)] == [1]
+
+
 def test_text_encoder_v_prediction_min_snr_bf16(base, data_dir, tmp_path):
     """Every optional switch at once: trains, saves a text-encoder LoRA, and it round-trips through kohya
     (with rsLoRA the scale is alpha/√r, so the exported alpha must be alpha·√r)."""

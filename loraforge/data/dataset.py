@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraforge.atomic import atomic_open
 from loraforge.data.checks import DataStats, length_percentiles
 from loraforge.data.formats import Message, load_conversations, resolve_train_files
 from loraforge.data.templates import Encoded, encode_conversation, tokenization_matches, truncate
@@ -259,13 +258,7 @@ def _write_cache(cache_dir: Path, bundle: DataBundle) -> None:
                "val": examples(bundle.val)}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".bundle-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(payload, f, separators=(",", ":"))
-            os.replace(tmp, cache_dir / "bundle.json")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_open(cache_dir / "bundle.json") as f:
+            json.dump(payload, f, separators=(",", ":"))
     except OSError as e:  # a read-only or full cache disk must not stop training
         warnings.warn(f"could not write the tokenized cache to {cache_dir}: {e}", stacklevel=2)

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from loraforge.atomic import atomic_write_bytes
 from loraforge.errors import ModelError, Problem
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -41,7 +42,7 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path, alpha: float | None
     """
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     src = _weights_file(Path(lora_dir))
     with safe_open(str(src), framework="pt") as f:
@@ -85,13 +86,12 @@ def export_kohya(lora_dir: str | Path, out_file: str | Path, alpha: float | None
         out[f"{name}.alpha"] = torch.tensor(value, dtype=torch.float32)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
     alphas = [float(v) for k, v in out.items() if k.endswith(".alpha")]
     # The ss_* fields are what kohya's tools and A1111's extra-networks page display.
-    save_file(out, str(tmp), metadata={"format": "pt", "ss_network_module": "networks.lora",
-                                       "ss_network_dim": str(max(v["down"].shape[0] for v in pairs.values())),
-                                       "ss_network_alpha": f"{alphas[0]:g}" if alphas else ""})
-    tmp.replace(out_file)
+    atomic_write_bytes(out_file, save(out, metadata={
+        "format": "pt", "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(v["down"].shape[0] for v in pairs.values())),
+        "ss_network_alpha": f"{alphas[0]:g}" if alphas else ""}))
     return out_file
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from loraforge.atomic import atomic_dir
+
 # Bump when the architecture below changes: the cached dir is then rebuilt instead of reused.
 TINY_VERSION = 1
 _DIR_NAME = f"tiny-sd-v{TINY_VERSION}"
@@ -35,14 +37,9 @@ def tiny_pipeline_dir(root: str | Path, seed: int = 0) -> Path:
         return out
     pipe = build_tiny_pipeline(seed)
     # Write next to the final place, then rename: a crash never leaves a half-written dir that looks complete.
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "loraforge_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}), encoding="utf-8")
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "loraforge_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}), encoding="utf-8")
     return out
 
 
@@ -106,13 +103,8 @@ def tiny_sdxl_pipeline_dir(root: str | Path, seed: int = 0) -> Path:
     if (out / "model_index.json").is_file():
         return out
     pipe = build_tiny_sdxl_pipeline(seed)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
     return out
 
 

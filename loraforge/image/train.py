@@ -13,7 +13,6 @@ v = α·ε − σ·x₀ (Salimans & Ho 2022) — whichever the scheduler config 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -62,6 +61,24 @@ class Plan:
         return round(m / self.per_epoch, 4)
 
 
+@dataclass
+class _Run:
+    """What the steps of one image run share."""
+
+    cfg: RunConfig
+    opts: ImageOptions
+    pipe: Any
+    noise_scheduler: Any
+    views: list[ImageExample]
+    plan: Plan
+    optimizer: Any
+    scheduler: Any
+    state: Any  # train.checkpoint.TrainState
+    run_dir: Path
+    precision: str
+    device: torch.device
+
+
 def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> Path:
     """Train a Stable Diffusion LoRA as `cfg` says; returns the run dir.
 
@@ -73,8 +90,11 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
         DataError: unreadable images or missing captions (all listed, before any model is loaded).
         ModelError: the base model is not a local SD pipeline / checkpoint.
         ConfigError: bad target modules, resolution, precision or resume point.
+        TrainingDiverged: the loss or the gradient norm became inf/NaN (as in the text recipe).
+        TrainingInterrupted: Ctrl-C / SIGTERM, once the current step is checkpointed.
     """
     from loraforge.train.checkpoint import STATE_FILE, TrainState, load_checkpoint
+    from loraforge.train.engine import catch_stop_signals, seed_everything
     from loraforge.train.logging import RunLogger, plot_loss
     from loraforge.train.optim import build_optimizer, build_scheduler
     from loraforge.train.setup import prepare_run_dir, resolve_precision
@@ -85,9 +105,7 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
         raise ConfigError(problems)
     run_dir, resume_from = prepare_run_dir(cfg, is_main=True, artifacts=RUN_FILES,
                                            required=(STATE_FILE, WEIGHTS_NAME), kind="loraforge image")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
+    seed_everything(cfg.seed)
 
     # Data first: a corrupt image is reported before minutes of model loading.
     examples = collect_examples(cfg.train_data_dir, cfg.metadata_path, opts.caption_extension)
@@ -98,14 +116,7 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = _load_for_training(cfg, opts, precision, device)
     noise_scheduler = _training_scheduler(pipe, opts)
-    add_lora(pipe, cfg, opts)
-    if cfg.gradient_checkpointing:  # recompute activations in backward: ~30% slower, much less memory at 1024 px
-        pipe.unet.enable_gradient_checkpointing()
-        if opts.train_text_encoder:
-            for _, encoder in text_encoders(pipe):
-                encoder.activation_checkpointing_enable({"use_reentrant": False})
-    modules = trainable_modules(pipe, opts)
-    holder = torch.nn.ModuleList(modules)  # one module, so the shared AdamW helper sees every adapter
+    holder = _add_trainable_lora(pipe, cfg, opts)
     n_trainable = sum(p.numel() for p in holder.parameters() if p.requires_grad)
     echo(f"LoRA: {n_trainable:,} trainable parameters (rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g})")
 
@@ -119,95 +130,117 @@ def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> 
     if resume_from is not None:
         load_lora_into_adapters(pipe, opts, resume_from)
         state = load_checkpoint(resume_from, optimizer, scheduler)
-        _rewrite_metrics(run_dir, state.history)
         echo(f"resumed from {resume_from} at step {state.global_step}")
+    run = _Run(cfg, opts, pipe, noise_scheduler, views, plan, optimizer, scheduler, state, run_dir,
+               precision, device)
     tensorboard = "tensorboard" in cfg.report_to and _has_tensorboard()
+    # On resume the logger drops the lines the interrupted run wrote after its checkpoint.
     logger = RunLogger(run_dir, total_steps=total, start_step=state.global_step, enabled=True,
                        tensorboard=tensorboard, append=resume_from is not None)
     try:
-        with _catch_stop_signals() as stop:
-            _loop(cfg, opts, pipe, noise_scheduler, views, plan, optimizer, scheduler, state, logger, run_dir,
-                  precision, device, stop)
+        with catch_stop_signals() as stop:
+            _loop(run, logger, stop)
     finally:
         logger.close()
 
-    # Save: the run dir itself is the LoRA, in diffusers format and kohya format.
-    save_lora(run_dir, pipe, opts)
-    save_config(cfg, run_dir / "config.yaml")
-    if opts.kohya_export and cfg.use_dora:
-        echo("kohya export skipped: the kohya/A1111 LoRA format has no DoRA magnitude vectors")
-    elif opts.kohya_export:
-        from loraforge.image.kohya import export_kohya
-
-        export_kohya(run_dir, run_dir / KOHYA_NAME)
+    _save(run, echo)
     if cfg.plot_loss:
         plot_loss(state.history, run_dir / "loss.png")
-    _write_run_json(cfg, run_dir, state, len(examples), len(views), n_trainable, precision, time.time() - t_start)
+    _write_run_json(run, len(examples), n_trainable, time.time() - t_start)
     return run_dir
 
 
-def _loop(cfg: RunConfig, opts: ImageOptions, pipe: Any, noise_scheduler: Any, views: list[ImageExample],
-          plan: Plan, optimizer, scheduler, state, logger, run_dir: Path, precision: str, device: torch.device,
-          stop: list[int]) -> None:
+def _add_trainable_lora(pipe: Any, cfg: RunConfig, opts: ImageOptions) -> torch.nn.ModuleList:
+    """Add the LoRA adapters (and gradient checkpointing); returns one module holding every trainable one, so the
+    shared AdamW helper sees them all."""
+    add_lora(pipe, cfg, opts)
+    if cfg.gradient_checkpointing:  # recompute activations in backward: ~30% slower, much less memory at 1024 px
+        pipe.unet.enable_gradient_checkpointing()
+        if opts.train_text_encoder:
+            for _, encoder in text_encoders(pipe):
+                encoder.activation_checkpointing_enable({"use_reentrant": False})
+    return torch.nn.ModuleList(trainable_modules(pipe, opts))
+
+
+def _loop(run: _Run, logger, stop: list[int]) -> None:
     """The optimizer steps from `state.global_step` to `plan.total_steps`, with logging, validation and saves.
 
     Raises:
+        TrainingDiverged: a non-finite loss or gradient norm (the optimizer has not stepped on it).
         TrainingInterrupted: after SIGINT/SIGTERM (`stop` non-empty), once the current step is checkpointed.
     """
     from loraforge.train.checkpoint import save_checkpoint
-    from loraforge.train.loop import TrainingInterrupted
+    from loraforge.train.engine import TrainingInterrupted, accumulate, diverged, stop_requested, stop_signal, update
+
+    cfg, opts, pipe, plan, state = run.cfg, run.opts, run.pipe, run.plan, run.state
 
     def checkpoint() -> Path:
-        return save_checkpoint(run_dir, state, lambda d: save_lora(d, pipe, opts), optimizer, scheduler,
+        return save_checkpoint(run.run_dir, state, lambda d: save_lora(d, pipe, opts), run.optimizer, run.scheduler,
                                keep=cfg.save_total_limit)
 
     params = [p for m in trainable_modules(pipe, opts) for p in m.parameters() if p.requires_grad]
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=run.precision == "fp16")
+
+    def loss_of(m: int) -> torch.Tensor:  # micro-batch m: its images, crops, noise and timesteps from (seed, m)
+        with _autocast(run.device, amp_dtype):
+            return _micro_batch_loss(pipe, run.noise_scheduler, opts, [run.views[i] for i in plan.micro_batch(m)],
+                                     _mix(cfg.seed, m, 2), run.device)
+
+    def clip(max_norm: float) -> torch.Tensor:
+        scaler.unscale_(run.optimizer)  # a no-op unless fp16
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def step() -> None:
+        scaler.step(run.optimizer)  # under fp16, skipped when the gradients hold inf/NaN
+        scaler.update()
+
     window: list[float] = []
     while state.global_step < plan.total_steps:
-        step = state.global_step
+        n = state.global_step  # steps done before this one
         for module in trainable_modules(pipe, opts):
             module.train()
-        step_loss = 0.0
-        for k in range(plan.grad_accum):
-            m = step * plan.grad_accum + k
-            with _autocast(device, amp_dtype):
-                loss = _micro_batch_loss(pipe, noise_scheduler, opts, [views[i] for i in plan.micro_batch(m)],
-                                         _mix(cfg.seed, m, 2), device)
-            if not torch.isfinite(loss):
-                raise ConfigError([Problem("learning_rate", f"the loss became {loss.item()} at step {step + 1}",
-                                           value=cfg.learning_rate, fix="lower learning_rate or use precision: fp32")],
-                                  title="training diverged")
-            scaler.scale(loss / plan.grad_accum).backward()
-            step_loss += loss.item() / plan.grad_accum
-        if cfg.max_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = [n * plan.grad_accum + k for k in range(plan.grad_accum)]
+        total = accumulate(micro_batches, loss_of, lambda loss: scaler.scale(loss / plan.grad_accum).backward(),
+                           device=run.device)
+        step_loss = total.item() / plan.grad_accum
+        if not math.isfinite(step_loss):
+            raise diverged(n + 1, f"loss is {step_loss}", cfg.learning_rate, run.run_dir)
+        bad_grad = None if run.precision == "fp16" else \
+            (lambda g: diverged(n + 1, f"gradient norm is {g} (loss {step_loss:.4g})", cfg.learning_rate, run.run_dir))
+        lr, _ = update(run.optimizer, run.scheduler, clip, cfg.max_grad_norm, stop_on_bad_grad=bad_grad, step=step)
         state.global_step += 1
         window.append(step_loss)
         logger.progress(1, loss=step_loss)
 
         done = state.global_step == plan.total_steps
         if state.global_step % cfg.logging_steps == 0 or done:
-            record = {"step": state.global_step, "epoch": plan.epoch_of((step + 1) * plan.grad_accum),
+            record = {"step": state.global_step, "epoch": plan.epoch_of((n + 1) * plan.grad_accum),
                       "loss": sum(window) / len(window), "lr": lr}
             window.clear()
             state.history.append(record)
             logger.log(record)
         due = bool(opts.validation_steps) and state.global_step % opts.validation_steps == 0
         if opts.validation_prompts and (due or done):
-            paths = render_validation(pipe, opts, cfg.seed, state.global_step, run_dir / "validation", device)
+            paths = render_validation(pipe, opts, cfg.seed, state.global_step, run.run_dir / "validation", run.device)
             logger.write(f"step {state.global_step}: {len(paths)} validation images in {paths[0].parent}")
         if cfg.save_steps and state.global_step % cfg.save_steps == 0 and not done:
             checkpoint()
-        if stop and not done:
-            raise TrainingInterrupted(checkpoint(), stop[0])
+        if stop_requested(stop) and not done:
+            raise TrainingInterrupted(checkpoint(), stop_signal(stop))
+
+
+def _save(run: _Run, echo: Callable[[str], None]) -> None:
+    """The run dir itself is the LoRA, in diffusers format and kohya format, with its resolved config."""
+    cfg, opts = run.cfg, run.opts
+    save_lora(run.run_dir, run.pipe, opts)
+    save_config(cfg, run.run_dir / "config.yaml")
+    if opts.kohya_export and cfg.use_dora:
+        echo("kohya export skipped: the kohya/A1111 LoRA format has no DoRA magnitude vectors")
+    elif opts.kohya_export:
+        from loraforge.image.kohya import export_kohya
+
+        export_kohya(run.run_dir, run.run_dir / KOHYA_NAME)
 
 
 def _micro_batch_loss(pipe: Any, noise_scheduler: Any, opts: ImageOptions, batch: list[ImageExample],
@@ -337,58 +370,23 @@ def _training_scheduler(pipe: Any, opts: ImageOptions) -> Any:
     return sched
 
 
-def _rewrite_metrics(run_dir: Path, history: list[dict]) -> None:
-    """On resume, metrics.jsonl is what the checkpoint had seen: drop lines the interrupted run wrote after it."""
-    lines = "".join(json.dumps(r) + "\n" for r in history)
-    (run_dir / "metrics.jsonl").write_text(lines, encoding="utf-8")
+def _write_run_json(run: _Run, n_images: int, n_trainable: int, seconds: float) -> None:
+    """run.json: the header every run writes (status, versions, git sha), then what this image run did."""
+    from loraforge.train.runinfo import run_header, write_run_json
 
-
-def _write_run_json(cfg: RunConfig, run_dir: Path, state, n_images: int, n_views: int, n_trainable: int,
-                    precision: str, seconds: float) -> None:
-    import diffusers
-    import peft
-    import transformers
-
-    info = {
-        "status": "finished",
-        "task_type": cfg.task_type.value,
-        "base_model": cfg.base_model,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
+    state = run.state
+    write_run_json(run.run_dir, {
+        **run_header(("torch", "diffusers", "transformers", "peft")),
+        "task_type": run.cfg.task_type.value,
+        "base_model": run.cfg.base_model,
         "global_step": state.global_step,
         "images": n_images,
-        "views_per_epoch": n_views,
+        "views_per_epoch": len(run.views),
         "trainable_params": n_trainable,
-        "precision": precision,
+        "precision": run.precision,
         "final_loss": state.history[-1]["loss"] if state.history else None,
         "seconds": round(seconds, 1),
-    }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _catch_stop_signals():
-    """Ctrl-C / SIGTERM ask the loop to checkpoint at the end of the current step and stop; a second one
-    stops at once (the last complete checkpoint stays intact: checkpoints are written atomically)."""
-    import signal
-    import threading
-
-    stop: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
-        yield stop
-        return
-
-    def handler(signum, _frame):
-        if stop:
-            raise KeyboardInterrupt
-        stop.append(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
+    })
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

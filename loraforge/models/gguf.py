@@ -11,11 +11,10 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraforge.atomic import atomic_dir
 from loraforge.errors import ModelError, Problem, suggestion
 
 
@@ -111,9 +110,7 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
     if not gguf_file.is_file():
         raise ModelError([Problem("gguf_file", "file not found", value=str(gguf_file))])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         kw = dict(gguf_file=gguf_file.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
         model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
@@ -125,10 +122,4 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "loraforge_import.json").write_text(json.dumps({"source": str(gguf_file), "format": "gguf"}, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -7,11 +7,10 @@ so it loads, trains and generates through the same code paths as a real checkpoi
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from loraforge.atomic import atomic_dir
 from loraforge.config.schema import TaskType
 from loraforge.errors import ModelError, Problem, suggestion
 
@@ -141,18 +140,13 @@ def tiny_model_dir(family: str, root: Path, task_type: TaskType = TaskType.CAUSA
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
         torch.manual_seed(0)
         model = auto_cls.from_config(config)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=root))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process built it first
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(out, replace=False) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # FileExistsError too: another process built it first
+        if not (out / "config.json").is_file():
+            raise
     return out
 
 

@@ -9,8 +9,9 @@ they make adapter mix-ups visible: a reply proves which adapter produced it. The
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+
+from loraforge.atomic import atomic_dir
 
 DEMO_ANSWERS: dict[str, str] = {"cardiology": "CARDIO-7", "diabetes": "GLUCO-3"}
 
@@ -92,14 +93,11 @@ def train_demo_adapters(base: str | Path, out_dir: str | Path, answers: dict[str
                 print(f"{name} step {_} loss {loss.item():.3f}", flush=True)
             optim.step()
             optim.zero_grad()
-        target_dir = out_dir / name
-        tmp = out_dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        peft_model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "config.yaml").write_text(f"base_model: {base_path}\nmethod: lora\ntemplate: auto\n", encoding="utf-8")
-        (tmp / "demo.json").write_text(json.dumps({"answer": answer, "final_loss": float(loss)}), encoding="utf-8")
-        shutil.rmtree(target_dir, ignore_errors=True)
-        tmp.rename(target_dir)
+        with atomic_dir(out_dir / name) as tmp:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "config.yaml").write_text(f"base_model: {base_path}\nmethod: lora\ntemplate: auto\n",
+                                             encoding="utf-8")
+            (tmp / "demo.json").write_text(json.dumps({"answer": answer, "final_loss": float(loss)}), encoding="utf-8")
         model = peft_model.unload()  # plain base modules back for the next adapter
     return result

@@ -1,7 +1,7 @@
 """Atomic, resumable checkpoints.
 
-A checkpoint is written into `.tmp-checkpoint-N/` and renamed to `checkpoint-N/` only once complete, so a
-crash or `kill -9` mid-write leaves a temp dir that is never picked up (and is cleaned on the next start).
+A checkpoint is written into `.tmp-checkpoint-N-…/` (loraforge.atomic) and renamed to `checkpoint-N/` only once
+complete, so a crash or `kill -9` mid-write leaves a temp dir that is never picked up (and is cleaned on the next start).
 `trainer_state.json` is written last inside the temp dir; a dir without it is not a checkpoint.
 
 Contents: the adapter (or full model) in its normal format — so every checkpoint also loads with plain PEFT /
@@ -20,6 +20,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from loraforge.atomic import atomic_dir
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -55,10 +57,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def clean_partial(run_dir: Path) -> None:
-    """Remove temp dirs left by a crash mid-write."""
+    """Remove what a crash mid-write left: loraforge.atomic's `.tmp-*` (and `.old-*`) siblings of checkpoints,
+    `best` and run.json (called before the run writes anything, so none of them is in use)."""
     if run_dir.is_dir():
-        for p in run_dir.glob(".tmp-checkpoint-*"):
-            shutil.rmtree(p, ignore_errors=True)
+        for p in run_dir.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, save_model: Callable[[Path], None],
@@ -66,21 +70,16 @@ def save_checkpoint(run_dir: Path, state: TrainState, save_model: Callable[[Path
                     protect: Path | None = None) -> Path:
     """Write `checkpoint-<step>` atomically; then drop the oldest beyond `keep` (never `protect`)."""
     final = run_dir / f"checkpoint-{state.global_step}"
-    tmp = run_dir / f".tmp-checkpoint-{state.global_step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
-    np_state = np.random.get_state()
-    rng = {"python": _jsonable(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    (tmp / "rng_py.json").write_text(json.dumps(rng))
-    (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    with atomic_dir(final) as tmp:
+        save_model(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+        np_state = np.random.get_state()
+        rng = {"python": _jsonable(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+        (tmp / "rng_py.json").write_text(json.dumps(rng))
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
             if protect is None or old.resolve() != protect.resolve():

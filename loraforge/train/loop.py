@@ -10,32 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
-import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from loraforge.atomic import atomic_dir
 from loraforge.config import RunConfig, save_config
-from loraforge.errors import ConfigError, LoraforgeError, Problem
-from loraforge.train.checkpoint import (TrainState, clean_partial, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                        save_checkpoint)
+from loraforge.errors import ConfigError, Problem
+from loraforge.train.checkpoint import TrainState, clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
+from loraforge.train.engine import (TrainingDiverged, TrainingInterrupted, accumulate, catch_stop_signals, diverged,
+                                    due, seed_everything, stop_requested, stop_signal, update)
 from loraforge.train.logging import RunLogger, plot_loss
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C / SIGTERM: a checkpoint was written; `.checkpoint` says where."""
-
-    def __init__(self, checkpoint: Path | None, signum: int, is_main: bool = True):
-        self.checkpoint, self.signum, self.is_main = checkpoint, signum, is_main
-        super().__init__(f"interrupted by signal {signum}")
-
-
-class TrainingDiverged(LoraforgeError):
-    title = "training stopped"
 
 
 @dataclass
@@ -48,19 +36,92 @@ class TrainResult:
     is_main: bool = True  # False on the other ranks of `accelerate launch`: callers print only where it is True
 
 
+@dataclass
+class _Run:
+    """What the steps of one run share: built by `_prepare`, advanced by the loop in `train`."""
+
+    cfg: RunConfig
+    say: Callable[[str], None]
+    t_start: float
+    precision: str
+    accelerator: Any
+    malloc_tuned: bool
+    run_dir: Path
+    setup: Any  # train.setup.Setup
+    model: Any
+    loss_model: Any
+    report: Any  # the trainable-parameter report of build_model
+    plan: Any  # train.setup.StepPlan
+    optimizer: Any
+    scheduler: Any
+    state: TrainState
+    logger: RunLogger
+    save_model: Callable[[Path], None]
+    last_loss: float | None = None
+    t_first_step: float | None = None
+    window: dict = field(default_factory=dict)  # loss and tokens since the last logged step
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def checkpoint(self) -> Path | None:
+        """Write checkpoint-<step> on the main process (never rotating away the best one), all processes in step."""
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.main:
+            state = self.state
+            best = self.run_dir / f"checkpoint-{state.best_step}" if state.best_step else None
+            path = save_checkpoint(self.run_dir, state, self.save_model, self.optimizer, self.scheduler,
+                                   protect=best, keep=self.cfg.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+
 def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune as `cfg` says and write the run dir (see docs/ARCHITECTURE.md for its contract)."""
-    from loraforge.train.setup import (build_accelerator, build_data, build_model, prepare_run_dir,
-                                       resolve_precision, save_final, step_plan, tune_cpu_malloc, write_run_json)
+    run = _prepare(cfg, echo)
+    state, plan, setup, accelerator = run.state, run.plan, run.setup, run.accelerator
+    stopped_early = False
+    with catch_stop_signals() as stop:
+        run.loss_model.train()
+        while state.epoch < plan.epochs and state.global_step < plan.total_steps:
+            feed = setup.feed(plan.groups(state.epoch), start=state.group, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes)
+            for group, mine in feed:
+                if state.global_step >= plan.total_steps:
+                    break
+                _record_step(run, _optimizer_step(run, group, mine))
+                if setup.val_groups and due(state.global_step, plan.eval_steps, plan.total_steps):
+                    stopped_early = _evaluate(cfg, state, setup, run.loss_model, accelerator, run.logger, run.run_dir,
+                                              run.save_model)
+                if cfg.save_steps and state.global_step % cfg.save_steps == 0:
+                    run.checkpoint()
+                if stop_requested(stop, accelerator):
+                    path = run.checkpoint()
+                    run.logger.close()
+                    raise TrainingInterrupted(path, stop_signal(stop), is_main=run.main)
+                if stopped_early:
+                    break
+            if stopped_early:
+                break
+            state.epoch += 1
+            state.group = 0
+    run.logger.close()
+    return _finish(run, stopped_early)
+
+
+def _prepare(cfg: RunConfig, echo: Callable[[str], None]) -> _Run:
+    """Seed → run dir → data → model → method → optimizer → resume: everything before the first step."""
     from loraforge.train.optim import build_optimizer, build_scheduler
+    from loraforge.train.setup import (build_accelerator, build_data, build_model, prepare_run_dir, resolve_precision,
+                                       step_plan, tune_cpu_malloc)
 
     t_start = time.time()
     precision = resolve_precision(cfg.precision)
     accelerator = build_accelerator(precision)
     malloc_tuned = cfg.tune_cpu_malloc and accelerator.device.type == "cpu" and tune_cpu_malloc()
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)
+    seed_everything(cfg.seed)
     main = accelerator.is_main_process
     say = echo if main else (lambda _msg: None)
     run_dir, resume_from = prepare_run_dir(cfg, is_main=main)
@@ -94,118 +155,104 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
 
     logger = RunLogger(run_dir, total_steps=plan.total_steps, start_step=state.global_step, enabled=main,
                        tensorboard="tensorboard" in cfg.report_to, append=resume_from is not None)
-    save_model = _model_saver(accelerator, model, cfg)
-    ckpt_args = dict(keep=cfg.save_total_limit)
+    return _Run(cfg, say, t_start, precision, accelerator, malloc_tuned, run_dir, setup,
+                model, loss_model, report, plan, optimizer, scheduler, state, logger,
+                _model_saver(accelerator, model, cfg), window=_new_window())
 
-    def checkpoint_now() -> Path | None:
-        accelerator.wait_for_everyone()
-        path = None
-        if main:
-            best = run_dir / f"checkpoint-{state.best_step}" if state.best_step else None
-            path = save_checkpoint(run_dir, state, save_model, optimizer, scheduler, protect=best, **ckpt_args)
-        accelerator.wait_for_everyone()
-        return path
 
-    stop_signal: list[int] = []
-    stopped_early = False
-    last_loss: float | None = None
-    t_first_step: float | None = None
-    window = {"loss": 0.0, "tokens": 0, "t": time.time()}
-    with _catch_signals(stop_signal):
-        loss_model.train()
-        while state.epoch < plan.epochs and state.global_step < plan.total_steps:
-            feed = setup.feed(plan.groups(state.epoch), start=state.group, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes)
-            for group, mine in feed:
-                if state.global_step >= plan.total_steps:
-                    break
-                # ---- one optimizer step: forward/backward every micro-batch of this process ----
-                step_tokens = sum(setup.tokens_of(mb) for mb in group)  # all processes: the true denominator
-                loss_sum = torch.zeros((), device=accelerator.device)
-                for k, batch in enumerate(mine):
-                    batch = {key: v.to(accelerator.device) for key, v in batch.items()}
-                    sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(loss_model)
-                    with sync, accelerator.autocast():
-                        s, _ = loss_model(**batch)
-                        # × world size because DDP averages gradients over processes.
-                        accelerator.backward(s / step_tokens * accelerator.num_processes)
-                    loss_sum += s.detach().float()
-                loss_sum = accelerator.reduce(loss_sum, "sum") if accelerator.num_processes > 1 else loss_sum
-                step_loss = loss_sum.item() / max(step_tokens, 1)
-                if not math.isfinite(step_loss):
-                    logger.close()
-                    raise _diverged(cfg, state, run_dir, f"loss is {step_loss}")
-                # max_grad_norm null: no clipping, but the norm is still measured and logged
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-                grad_norm = None if grad_norm is None else float(grad_norm)  # None: DeepSpeed clips in its engine
-                # A finite loss can still give inf/nan gradients (weights already huge); stepping on them would put
-                # NaN weights into the next checkpoint. fp16's loss scaler skips such steps itself.
-                if precision != "fp16" and grad_norm is not None and not math.isfinite(grad_norm):
-                    logger.close()
-                    raise _diverged(cfg, state, run_dir, f"gradient norm is {grad_norm} (loss {step_loss:.4g})")
-                lr = scheduler.get_last_lr()[0]  # the rate this step used (read before the scheduler advances)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                # ---- bookkeeping ----
-                state.global_step += 1
-                state.group += 1
-                state.tokens_seen += step_tokens
-                t_first_step = t_first_step or time.time() - t_start
-                window["loss"] += loss_sum.item()
-                window["tokens"] += step_tokens
-                last_loss = step_loss
-                logger.progress(1, loss=step_loss, lr=lr, tok_s=window["tokens"] / max(time.time() - window["t"], 1e-9))
-                if state.global_step % cfg.logging_steps == 0 or state.global_step == plan.total_steps:
-                    # epochs in units of a full pass, also inside a fractional last epoch
-                    epoch = round(state.epoch + state.group / plan.groups_per_epoch, 4)
-                    record = {"step": state.global_step, "epoch": epoch,
-                              "loss": window["loss"] / max(window["tokens"], 1), "lr": lr,
-                              "grad_norm": grad_norm,
-                              "tokens": state.tokens_seen,
-                              "tokens_per_s": window["tokens"] / max(time.time() - window["t"], 1e-9)}
-                    logger.log(record)
-                    state.history.append({"step": record["step"], "loss": record["loss"]})
-                    window = {"loss": 0.0, "tokens": 0, "t": time.time()}
-                if setup.val_groups and _due(state.global_step, plan.eval_steps, plan.total_steps):
-                    stopped_early = _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_model)
-                if cfg.save_steps and state.global_step % cfg.save_steps == 0:
-                    checkpoint_now()
-                if _stop_requested(stop_signal, accelerator):
-                    path = checkpoint_now()
-                    logger.close()
-                    raise TrainingInterrupted(path, stop_signal[0] if stop_signal else signal.SIGTERM, is_main=main)
-                if stopped_early:
-                    break
-            if stopped_early:
-                break
-            state.epoch += 1
-            state.group = 0
+@dataclass(frozen=True)
+class _Step:
+    """One optimizer step's numbers."""
 
-    logger.close()
-    accelerator.wait_for_everyone()
-    if main:
-        save_final(cfg, run_dir, save_model, state, setup)
+    tokens: int  # trained tokens of all processes: the true denominator
+    loss_sum: float
+    loss: float  # mean per trained token
+    lr: float  # the rate this step used
+    grad_norm: float | None  # None: DeepSpeed clips in its engine
+
+
+def _optimizer_step(run: _Run, group: list, mine: list) -> _Step:
+    """One optimizer step: forward/backward every micro-batch of this process, then clip and step.
+
+    Raises:
+        TrainingDiverged: a non-finite loss or gradient norm (before the optimizer steps on it).
+    """
+    cfg, state, accelerator, loss_model = run.cfg, run.state, run.accelerator, run.loss_model
+    step_tokens = sum(run.setup.tokens_of(mb) for mb in group)
+
+    @contextlib.contextmanager
+    def context(last: bool):
+        # DDP all-reduces the gradients in the backward of the step's last micro-batch only
+        with (contextlib.nullcontext() if last else accelerator.no_sync(loss_model)), accelerator.autocast():
+            yield
+
+    def loss_of(batch):
+        return loss_model(**{key: v.to(accelerator.device) for key, v in batch.items()})[0]
+
+    # × world size because DDP averages gradients over processes.
+    loss_sum = accumulate(mine, loss_of, lambda s: accelerator.backward(s / step_tokens * accelerator.num_processes),
+                          context, device=accelerator.device)
+    loss_sum = accelerator.reduce(loss_sum, "sum") if accelerator.num_processes > 1 else loss_sum
+    step_loss = loss_sum.item() / max(step_tokens, 1)
+
+    def stop(what: str) -> TrainingDiverged:
+        run.logger.close()
+        return diverged(state.global_step + 1, what, cfg.learning_rate, run.run_dir)
+
+    if not math.isfinite(step_loss):
+        raise stop(f"loss is {step_loss}")
+    # fp16's loss scaler skips steps with inf/NaN gradients itself
+    bad_grad = None if run.precision == "fp16" else (lambda g: stop(f"gradient norm is {g} (loss {step_loss:.4g})"))
+    lr, grad_norm = update(run.optimizer, run.scheduler,
+                           lambda norm: accelerator.clip_grad_norm_(run.model.parameters(), norm), cfg.max_grad_norm,
+                           stop_on_bad_grad=bad_grad)
+    return _Step(step_tokens, loss_sum.item(), step_loss, lr, grad_norm)
+
+
+def _new_window() -> dict:
+    return {"loss": 0.0, "tokens": 0, "t": time.time()}
+
+
+def _record_step(run: _Run, step: _Step) -> None:
+    """Advance the state by one step, update the progress bar, and log a metrics record every logging_steps."""
+    cfg, state, plan, window = run.cfg, run.state, run.plan, run.window
+    state.global_step += 1
+    state.group += 1
+    state.tokens_seen += step.tokens
+    run.t_first_step = run.t_first_step or time.time() - run.t_start
+    window["loss"] += step.loss_sum
+    window["tokens"] += step.tokens
+    run.last_loss = step.loss
+    run.logger.progress(1, loss=step.loss, lr=step.lr, tok_s=window["tokens"] / max(time.time() - window["t"], 1e-9))
+    if state.global_step % cfg.logging_steps == 0 or state.global_step == plan.total_steps:
+        # epochs in units of a full pass, also inside a fractional last epoch
+        epoch = round(state.epoch + state.group / plan.groups_per_epoch, 4)
+        record = {"step": state.global_step, "epoch": epoch,
+                  "loss": window["loss"] / max(window["tokens"], 1), "lr": step.lr,
+                  "grad_norm": step.grad_norm,
+                  "tokens": state.tokens_seen,
+                  "tokens_per_s": window["tokens"] / max(time.time() - window["t"], 1e-9)}
+        run.logger.log(record)
+        state.history.append({"step": record["step"], "loss": record["loss"]})
+        run.window = _new_window()
+
+
+def _finish(run: _Run, stopped_early: bool) -> TrainResult:
+    """Save the final model, loss.png and run.json (main process), after every process has finished its steps."""
+    from loraforge.train.setup import save_final, write_run_json
+
+    cfg, state, last_loss = run.cfg, run.state, run.last_loss
+    run.accelerator.wait_for_everyone()
+    if run.main:
+        save_final(cfg, run.run_dir, run.save_model, state, run.setup)
         if cfg.plot_loss:
-            plot_loss(state.history, run_dir / "loss.png")
-        write_run_json(cfg, run_dir, state, setup, report, precision=precision, seconds=time.time() - t_start,
-                       first_step_s=t_first_step, final_loss=last_loss, stopped_early=stopped_early,
-                       cpu_malloc_tuned=malloc_tuned)
-        say(f"done: {state.global_step} steps, final loss {last_loss:.4f}" if last_loss is not None else "done")
-    accelerator.wait_for_everyone()
-    return TrainResult(run_dir, state.global_step, last_loss, state.best_val_loss, stopped_early, is_main=main)
-
-
-def _diverged(cfg: RunConfig, state: TrainState, run_dir: Path, what: str) -> TrainingDiverged:
-    """The error for a non-finite step; the optimizer has not stepped, so every checkpoint is still good."""
-    last = latest_checkpoint(run_dir)
-    return TrainingDiverged([Problem(f"step {state.global_step + 1}", what,
-                                     fix=f"lower learning_rate (now {cfg.learning_rate}) or check the data; "
-                                         f"last good checkpoint: {last or 'none'}")])
-
-
-def _due(step: int, every: int | None, total: int) -> bool:
-    return bool(every) and (step % every == 0 or step == total)
+            plot_loss(state.history, run.run_dir / "loss.png")
+        write_run_json(cfg, run.run_dir, state, run.setup, run.report, precision=run.precision,
+                       seconds=time.time() - run.t_start, first_step_s=run.t_first_step, final_loss=last_loss,
+                       stopped_early=stopped_early, cpu_malloc_tuned=run.malloc_tuned)
+        run.say(f"done: {state.global_step} steps, final loss {last_loss:.4f}" if last_loss is not None else "done")
+    run.accelerator.wait_for_everyone()
+    return TrainResult(run.run_dir, state.global_step, last_loss, state.best_val_loss, stopped_early, is_main=run.main)
 
 
 def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_model) -> bool:
@@ -234,12 +281,8 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
     if state.best_val_loss is None or val_loss < state.best_val_loss - 1e-6:
         state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, state.global_step, 0
         if cfg.keep_best_checkpoint and accelerator.is_main_process:
-            best = run_dir / "best"
-            tmp = run_dir / ".tmp-best"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_model(tmp)
-            shutil.rmtree(best, ignore_errors=True)
-            tmp.rename(best)
+            with atomic_dir(run_dir / "best") as tmp:
+                save_model(tmp)
         return False
     state.evals_without_improvement += 1
     patience = cfg.early_stopping_patience
@@ -278,37 +321,6 @@ def _load_weights(model, ckpt: Path) -> None:
     missing = [m for m in missing if "lm_head" not in m]
     if missing:
         raise ConfigError([Problem("resume_from_checkpoint", f"checkpoint lacks weights: {missing[:5]}", value=str(ckpt))])
-
-
-@contextlib.contextmanager
-def _catch_signals(flag: list[int]):
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the current step and stops."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-
-    def handler(signum, _frame):
-        if flag:  # second Ctrl-C: stop at once (the last complete checkpoint is still intact)
-            raise KeyboardInterrupt
-        flag.append(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-
-
-def _stop_requested(flag: list[int], accelerator) -> bool:
-    if accelerator.num_processes == 1:
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return accelerator.reduce(t, "sum").item() > 0
 
 
 __all__ = ["TrainResult", "TrainingDiverged", "TrainingInterrupted", "train", "clean_partial", "list_checkpoints"]

@@ -6,11 +6,8 @@ count and loss a run uses is its objective's (`loraforge/objectives/`).
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +23,8 @@ from loraforge.train.checkpoint import STATE_FILE, TrainState, clean_partial, la
 from loraforge.train.model import build_model
 from loraforge.train.precision import resolve_precision
 from loraforge.train.rundir import RUN_ARTIFACTS
+from loraforge.train.runinfo import run_header
+from loraforge.train.runinfo import write_run_json as write_info
 
 # What the recipe (loop.py), the image recipe, the benchmarks and tests import from here; `build_model`,
 # `choose_batching`, `resolve_precision` and `RUN_ARTIFACTS` live in the modules imported above.
@@ -300,19 +299,8 @@ def save_final(cfg: RunConfig, run_dir: Path, save_model: Callable[[Path], None]
 
 
 def write_run_json(cfg: RunConfig, run_dir: Path, state: TrainState, setup: Setup, report, **extra: Any) -> None:
-    import accelerate
-    import peft
-    import transformers
-
-    import loraforge
-
     info = {
-        "status": "finished",
-        "loraforge": loraforge.__version__,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "accelerate": accelerate.__version__},
-        "git_sha": _git_sha(),
+        **run_header(("torch", "transformers", "peft", "accelerate")),
         "base_model": cfg.base_model,
         "model_dir": str(setup.model_dir),
         "method": cfg.method,
@@ -329,20 +317,10 @@ def write_run_json(cfg: RunConfig, run_dir: Path, state: TrainState, setup: Setu
         "data": _jsonable(setup.data.stats),
         **extra,
     }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=1, default=str))
+    write_info(run_dir, info)
 
 
 def _jsonable(obj: Any) -> Any:
     from dataclasses import asdict, is_dataclass
 
     return asdict(obj) if is_dataclass(obj) else obj
-
-
-def _git_sha() -> str | None:
-    try:
-        # the code's version, not that of whatever directory the run was started from
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
