@@ -59,7 +59,11 @@ def run_webui(workspace: str | Path, *, host: str = "127.0.0.1", port: int = 786
     app = create_app(workspace, extra_roots=extra_roots, token=token, allowed_hosts=allowed)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown if ':' not in shown else f'[{shown}]'}:{port}/"
-    echo(f"loraforge webui: workspace {Path(workspace).resolve()}")
+    echo(f"loraforge webui: workspace {Path(workspace).resolve()} (loading torch and transformers…)")
+    # Import them once here: transformers' lazy imports are not safe when two request threads race on them.
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     echo(f"open {url}" + (f"?token={token}" if token else ""))
     if not loopback:
         echo(f"listening on {host}: every request needs the token above")

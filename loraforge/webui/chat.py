@@ -6,14 +6,13 @@ whose files changed since it was loaded (a run that trained on) is loaded again.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from loraforge.errors import LoraforgeError, Problem
 from loraforge.webui.workspace import Workspace
 
-_lock = threading.Lock()
+from loraforge.webui.checks import heavy_lock as _lock  # loading shares the checks' lock
 
 
 class ChatModels:

@@ -17,7 +17,8 @@ from loraforge.errors import LoraforgeError, Problem
 from loraforge.webui.form import PATH_KEYS, absolutize
 from loraforge.webui.workspace import Workspace
 
-_lock = threading.Lock()  # one preflight / estimate at a time (they are CPU-heavy)
+heavy_lock = threading.Lock()  # one preflight / estimate / tokenizer or model load at a time (CPU-heavy)
+_lock = heavy_lock
 _full_cache: dict[str, dict] = {}
 _baselines: dict[str, int] = {}
 
@@ -127,31 +128,36 @@ def token_view(raw: Mapping[str, Any], ws: Workspace, rows: int = 3) -> dict:
     Returns {"rows": [{"source", "tokens": [{"text", "trained", "special"}], "length", "trained", "truncated"}],
              "cutoff_len", "template"} or {"problems": [...]}.
     """
+    data, problems = confined(raw, ws)
+    try:
+        if problems:
+            raise LoraforgeError(problems)
+        with _lock:  # transformers' lazy imports are not safe from two threads at once
+            return _token_view(data, rows)
+    except LoraforgeError as err:
+        return {"rows": [], "problems": [problem_json(p) for p in err.problems]}
+
+
+def _token_view(data: dict, rows: int) -> dict:
     from loraforge.config import TaskType, config_from_dict
     from loraforge.data.formats import load_conversations, resolve_train_files
     from loraforge.data.templates import encode_conversation
     from loraforge.models.gguf import resolve_model_path
 
-    data, problems = confined(raw, ws)
-    try:
-        if problems:
-            raise LoraforgeError(problems)
-        cfg = config_from_dict(data)
-        if cfg.task_type is not TaskType.CAUSAL_LM:
-            return {"rows": [], "note": f"the token view shows chat/alpaca rows of CAUSAL_LM runs "
-                                        f"(this run is {cfg.task_type.value})"}
-        tok = _tokenizer(str(resolve_model_path(cfg.base_model)), cfg.trust_remote_code)
-        files = resolve_train_files(cfg)
-        convs = load_conversations(files[:1], cfg.system_prompt)[:rows]
-        special = set(tok.all_special_ids)
-        out_rows = []
-        for source, messages in convs:
-            enc, truncated = encode_conversation(tok, messages, template=cfg.template, cutoff_len=cfg.cutoff_len,
-                                                 train_on_prompt=cfg.train_on_prompt, source=source)
-            tokens = [{"text": tok.decode([i]), "trained": pos > 0 and label != -100, "special": i in special}
-                      for pos, (i, label) in enumerate(zip(enc.input_ids, enc.labels))]
-            out_rows.append({"source": source, "tokens": tokens, "length": len(enc), "trained": enc.trained_tokens,
-                             "truncated": truncated})
-        return {"rows": out_rows, "cutoff_len": cfg.cutoff_len, "template": cfg.template}
-    except LoraforgeError as err:
-        return {"rows": [], "problems": [problem_json(p) for p in err.problems]}
+    cfg = config_from_dict(data)
+    if cfg.task_type is not TaskType.CAUSAL_LM:
+        return {"rows": [], "note": f"the token view shows chat/alpaca rows of CAUSAL_LM runs "
+                                    f"(this run is {cfg.task_type.value})"}
+    tok = _tokenizer(str(resolve_model_path(cfg.base_model)), cfg.trust_remote_code)
+    files = resolve_train_files(cfg)
+    convs = load_conversations(files[:1], cfg.system_prompt)[:rows]
+    special = set(tok.all_special_ids)
+    out_rows = []
+    for source, messages in convs:
+        enc, truncated = encode_conversation(tok, messages, template=cfg.template, cutoff_len=cfg.cutoff_len,
+                                             train_on_prompt=cfg.train_on_prompt, source=source)
+        tokens = [{"text": tok.decode([i]), "trained": pos > 0 and label != -100, "special": i in special}
+                  for pos, (i, label) in enumerate(zip(enc.input_ids, enc.labels))]
+        out_rows.append({"source": source, "tokens": tokens, "length": len(enc), "trained": enc.trained_tokens,
+                         "truncated": truncated})
+    return {"rows": out_rows, "cutoff_len": cfg.cutoff_len, "template": cfg.template}

@@ -106,9 +106,15 @@ def _yaml_value(text: str, f: FormField | None) -> Any:
     if f is not None and f.kind == "bool":
         return text.strip().lower() in ("true", "1", "on", "yes")
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         return text  # validation reports the value with what is allowed
+    if isinstance(value, str):  # YAML 1.1 reads `1e-4` as text; the config loader reads it as a number
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def raw_to_form(raw: Mapping[str, Any]) -> dict[str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraforge.errors import LoraforgeError, Problem
@@ -224,7 +224,7 @@ def run(request: Request, dir: str) -> Any:
 
 
 @router.get("/metrics")
-def metrics(request: Request, dir: list[str]) -> Any:
+def metrics(request: Request, dir: list[str] = Query(...)) -> Any:
     """{run dir: metrics.jsonl records} for each `dir` (several: overlaid on one chart)."""
     ctx = _ctx(request)
     try:

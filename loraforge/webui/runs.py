@@ -49,8 +49,9 @@ def _alive(pid: int | None) -> bool:
 class JobManager:
     """Starts, stops and describes child processes; one training per output dir."""
 
-    def __init__(self, ws: Workspace):
+    def __init__(self, ws: Workspace, launcher: list[str] | None = None):
         self.ws = ws
+        self.launcher = launcher or [sys.executable, "-m", "loraforge"]  # what runs `loraforge <kind> …`
         self.dir = ws.state_dir / "jobs"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}
@@ -112,7 +113,7 @@ class JobManager:
                                             fix="stop it first, or choose another output_dir")])
             job_id = uuid.uuid4().hex[:12]
             log = self.dir / f"{job_id}.log"
-            argv = [sys.executable, "-m", "loraforge", kind, *args]
+            argv = [*self.launcher, kind, *args]
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
             with log.open("wb") as out:
                 proc = subprocess.Popen(argv, cwd=self.ws.root, stdout=out, stderr=subprocess.STDOUT,

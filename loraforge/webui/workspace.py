@@ -53,13 +53,16 @@ class Workspace:
             raise PathRefused([Problem(key, "empty or invalid path", value=text)])
         path = Path(text).expanduser()
         path = (path if path.is_absolute() else self.root / path).resolve()
-        if not any(path == r or r in path.parents for r in self.roots):
+        if not self._inside(path):
             raise PathRefused([Problem(key, "is outside the workspace", value=text,
                                        allowed=", ".join(str(r) for r in self.roots),
                                        fix="put the file under the workspace, or start webui with --root DIR")])
         if must_exist and not path.exists():
             raise PathRefused([Problem(key, "does not exist", value=text)])
         return path
+
+    def _inside(self, path: Path) -> bool:
+        return any(path == r or r in path.parents for r in self.roots)
 
     def relative(self, path: Path) -> str:
         """How the UI shows a path: relative to the workspace when inside it."""
@@ -81,6 +84,8 @@ class Workspace:
                 continue
             for entry in entries:
                 seen += 1
+                if entry.is_symlink() and (entry.is_dir() or not self._inside(entry.resolve())):
+                    continue  # no loops, and nothing outside the roots through a link
                 if entry.is_dir():
                     if entry.name not in SKIP_DIRS and not entry.name.startswith("checkpoint-"):
                         stack.append(entry)
