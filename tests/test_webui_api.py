@@ -143,9 +143,10 @@ def test_one_training_per_output_dir_and_no_shell(ws):
             jobs.start("train", ["other.yaml"], target=out)
         assert "already writing this folder" in str(err.value)
         deadline = time.time() + 10
-        while "touch" not in jobs.log_tail(rec) and time.time() < deadline:
+        while len(jobs.log_tail(rec).strip().splitlines()) < 2 and time.time() < deadline:
             time.sleep(0.1)
-        assert jobs.log_tail(rec).strip() == str(["train", tricky])
+        head, printed = jobs.log_tail(rec).strip().splitlines()
+        assert printed == str(["train", tricky]) and head == f"$ loraforge train '{tricky}'"
         assert not (ws / "PWNED").exists() and not (ws / "PWNED2").exists()
         assert jobs.running(rec)
     finally:

@@ -76,6 +76,7 @@ def test_whole_workflow_in_a_browser(webui, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         context.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)  # preflight and the token view take seconds on 2 cores
         page = context.new_page()
         page.goto(url)
 
@@ -139,7 +140,7 @@ def test_whole_workflow_in_a_browser(webui, tmp_path):
         expect(page.locator("#runs-table tbody tr")).to_have_count(1)
         expect(page.locator("#run-title .badge")).to_have_text("finished", timeout=120_000)
         expect(page.locator("#chart-loss circle.point")).to_have_count(10)
-        assert "resume" in page.locator("#run-log").inner_text().lower()
+        assert "--set resume_from_checkpoint=latest" in page.locator("#run-log").inner_text()
         page.screenshot(path=shots / "5-run-finished.png", full_page=True)
 
         # --- chat: base and adapter side by side ---------------------------------------------------------------

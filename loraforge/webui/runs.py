@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -116,6 +117,8 @@ class JobManager:
             argv = [*self.launcher, kind, *args]
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
             with log.open("wb") as out:
+                out.write(("$ " + shlex.join(["loraforge", kind, *args]) + "\n").encode())  # what runs, shown in the log
+                out.flush()
                 proc = subprocess.Popen(argv, cwd=self.ws.root, stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             rec = {"id": job_id, "kind": kind, "argv": argv, "target": str(target), "pid": proc.pid,
