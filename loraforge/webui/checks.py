@@ -133,12 +133,12 @@ def token_view(raw: Mapping[str, Any], ws: Workspace, rows: int = 3) -> dict:
         if problems:
             raise LoraforgeError(problems)
         with _lock:  # transformers' lazy imports are not safe from two threads at once
-            return _token_view(data, rows)
+            return _token_view(data, rows, ws)
     except LoraforgeError as err:
         return {"rows": [], "problems": [problem_json(p) for p in err.problems]}
 
 
-def _token_view(data: dict, rows: int) -> dict:
+def _token_view(data: dict, rows: int, ws: Workspace) -> dict:
     from loraforge.config import TaskType, config_from_dict
     from loraforge.data.formats import load_conversations, resolve_train_files
     from loraforge.data.templates import encode_conversation
@@ -158,6 +158,7 @@ def _token_view(data: dict, rows: int) -> dict:
                                              train_on_prompt=cfg.train_on_prompt, source=source)
         tokens = [{"text": tok.decode([i]), "trained": pos > 0 and label != -100, "special": i in special}
                   for pos, (i, label) in enumerate(zip(enc.input_ids, enc.labels))]
-        out_rows.append({"source": source, "tokens": tokens, "length": len(enc), "trained": enc.trained_tokens,
+        path, _, line = source.rpartition(":")
+        out_rows.append({"source": f"{ws.relative(Path(path))}:{line}" if path else source, "tokens": tokens, "length": len(enc), "trained": enc.trained_tokens,
                          "truncated": truncated})
     return {"rows": out_rows, "cutoff_len": cfg.cutoff_len, "template": cfg.template}
