@@ -159,3 +159,27 @@ def test_one_training_per_output_dir_and_no_shell(ws):
     for r in jobs.jobs():
         if jobs.running(r):
             os.kill(r["pid"], 15)
+
+
+def test_eval_and_merge_run_the_cli_commands_on_confined_paths(ws):
+    app = webui_app.create_app(ws)
+    jobs = app.state.webui.jobs
+    jobs.launcher = [sys.executable, "-c", "import sys; print(sys.argv[1:])"]  # records what would run
+    run = ws / "output" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("base_model: smollm2\n")
+    c = TestClient(app, base_url="http://127.0.0.1:7860")
+    r = c.post("/api/eval", json={"data": "data/train.jsonl", "adapters": ["output/r1"], "limit": 4}).json()
+    argv = jobs.job(r["job"])["argv"][len(jobs.launcher):]
+    assert argv == ["eval", "--data", str(ws / "data" / "train.jsonl"), "--out", str(ws / "eval" / "train"),
+                    "--base", "smollm2", "--adapter", f"output-r1={run}", "--limit", "4"]
+    r = c.post("/api/export", json={"dir": "output/r1", "to": "merge"}).json()
+    assert jobs.job(r["job"])["argv"][len(jobs.launcher):] == ["merge", str(run), "--out",
+                                                                str(ws / "exports" / "r1-merge")]
+    assert c.post("/api/eval", json={"data": "../secret.jsonl"}).status_code == 400
+    assert c.post("/api/export", json={"dir": "output/r1", "to": "nope"}).json()["problems"][0]["allowed"].startswith("merge")
+    deadline = time.time() + 10
+    while any(jobs.running(j) for j in jobs.jobs()) and time.time() < deadline:
+        time.sleep(0.1)
+    done = c.get("/api/job", params={"id": r["job"]}).json()
+    assert done["exit_code"] == 0 and "merge" in done["log"]
