@@ -186,7 +186,7 @@ async function previewData() {
   try {
     const r = await api("dataset/preview?path=" + encodeURIComponent(path));
     box.append(h("div", {class: "sub"}, `first ${r.rows.length} rows of ${path}`),
-               ...r.rows.map(row => h("pre", {class: "row"}, JSON.stringify(row, null, 1))));
+               ...r.rows.map(row => h("pre", {class: "row"}, JSON.stringify(row))));
   } catch (e) { box.append(h("div", {class: "bad"}, e.message)); }
 }
 
