@@ -191,6 +191,18 @@ def serve(config: Optional[Path] = typer.Option(None, help="Server YAML (base, a
     run_server(load_server_config(config, overrides))
 
 
+@app.command()
+def webui(workspace: Path = typer.Option(Path("."), help="Folder for configs, runs and reports; file pickers stay inside it."),
+          host: str = typer.Option("127.0.0.1", help="Bind address; anything but loopback needs the printed token."),
+          port: int = typer.Option(7860),
+          token: Optional[str] = typer.Option(None, envvar="LORAFORGE_WEBUI_TOKEN", help="Access token (made for you off loopback)."),
+          root: Optional[List[Path]] = typer.Option(None, help="Extra folder the pickers may read (repeatable).")):
+    """Web UI: build a config, see what the model will learn, train, watch, compare, chat, evaluate, export."""
+    from loraforge.webui.app import run_webui
+
+    run_webui(workspace, host=host, port=port, token=token, extra_roots=root or [], echo=typer.echo)
+
+
 @app.command("generate-image")
 def generate_image_cmd(prompt: str = typer.Option(...), base: str = typer.Option(..., help="Local SD pipeline dir or single file."),
                        lora: Optional[List[str]] = typer.Option(None, help="PATH[:WEIGHT] of a LoRA (repeatable)."),
