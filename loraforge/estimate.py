@@ -136,8 +136,13 @@ def model_shape(cfg: RunConfig, model_dir: Path, device: str) -> ModelShape:
     hf_config = load_hf_config(model_dir, cfg.trust_remote_code)
     task = cfg.task_type if cfg.task_type is not TaskType.TEXT_TO_IMAGE else TaskType.CAUSAL_LM
     model = meta_model(hf_config, task, trust_remote_code=cfg.trust_remote_code)
+    # the dtype the base really loads in: a method may load its frozen base in the compute dtype
+    from loraforge.methods import method_for
+
+    load_dtype = method_for(cfg).load_kwargs(cfg, hf_config).get("dtype", cfg.torch_dtype)
+    load_dtype = load_dtype if isinstance(load_dtype, str) else cfg.torch_dtype
     return ModelShape(hf_config=hf_config, model=model, params=_unique_params(model), linears=_linears(model),
-                      dims=_dims(hf_config), weight_bytes=_dtype_bytes(cfg.torch_dtype, device))
+                      dims=_dims(hf_config), weight_bytes=_dtype_bytes(load_dtype, device))
 
 
 def _activation_bytes(cfg: RunConfig, shape: ModelShape, method: ParamEstimate, tokens: int,

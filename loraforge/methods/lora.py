@@ -54,6 +54,29 @@ def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
     return get_peft_model(model, lora_config(cfg, model))
 
 
+def load_kwargs(cfg: RunConfig, hf_config: Any = None) -> dict[str, Any]:
+    """Under bf16/fp16 training, a 16-bit checkpoint's frozen base loads straight in the compute dtype: no fp32
+    copy of a frozen weight is ever made (on a CPU, `torch_dtype: auto` would otherwise widen it to float32).
+
+    The training step `lora_training.fp32_where_it_matters` then puts back in fp32 what precision needs: the
+    embeddings (they start the fp32 residual stream), the norms and every trainable parameter. Not for DoRA (its
+    magnitude math reads the base weight in fp32), nor when `torch_dtype` is set explicitly.
+    """
+    from loraforge.train.precision import resolve_precision
+
+    if cfg.use_dora or cfg.torch_dtype != "auto":
+        return {}
+    # A checkpoint stored in fp32 (the embedded SmolLM2, imported from GGUF) is memory-mapped without a copy when
+    # loaded in fp32, and `cast_frozen` then replaces each frozen weight; converting while loading would hold the
+    # mapped fp32 file and the 16-bit copies at once (measured: +120 MiB peak for SmolLM2). 16-bit checkpoints,
+    # nearly every published one, load straight in the compute dtype instead of being widened to fp32.
+    stored = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)).replace("torch.", "")
+    if stored not in ("bfloat16", "float16"):
+        return {}
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(resolve_precision(cfg.precision))
+    return {"dtype": dtype} if dtype else {}
+
+
 def verify(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
     """LoRA weights exist for every listed target, and no base weight trains (except biases when asked).
 
@@ -115,7 +138,14 @@ def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
         # PEFT trains a copy; the copy is new parameters, the original stays frozen.
         extra += sum(numel for n, numel in params.items() if n.rsplit(".", 1)[0].endswith(target)
                      or f".{target}." in f".{n}")
-    return ParamEstimate(trainable_base=frozenset(base), new_params=extra, adapted=tuple(adapted))
+    weights = None
+    if shape.weight_bytes == 2 and not cfg.use_dora:
+        # a 16-bit base: frozen linears stay 16-bit, embeddings and norms go back to fp32 (fp32_where_it_matters)
+        tied = "head" if getattr(shape.hf_config, "tie_word_embeddings", False) else None
+        linear = sum(l["numel"] for l in shape.linears if l["group"] != tied)
+        weights = linear * 2 + (sum(params.values()) - linear) * 4
+    return ParamEstimate(trainable_base=frozenset(base), new_params=extra, adapted=tuple(adapted),
+                         weights_bytes=weights)
 
 
 METHOD = Method(
@@ -124,6 +154,7 @@ METHOD = Method(
     saves_adapter=True,
     estimate_params=estimate_params,
     verify=verify,
+    load_kwargs=load_kwargs,
     training_steps=LORA_TRAINING_STEPS,
     uses_target_modules=True,
 )

@@ -4,7 +4,10 @@ They run after `lora.apply`, for training only (the trainer never saves what the
 layer internals), in this order:
 1. `fuse_dropout` — PEFT's `lora_A(dropout(x))` as one autograd function keeping a 1-byte mask
    (`lora_dropout.DropoutLinear`), when `fused_lora_dropout` is on;
-2. `cast_frozen` — under bf16/fp16 autocast, frozen linear weights stored in the autocast dtype, and LoRA layers
+2. `fp32_where_it_matters` — when the base was loaded in the compute dtype (`lora.load_kwargs`), embeddings, norms
+   and every trainable parameter back in fp32, so the residual stream, the norm statistics, the adapter and its
+   optimizer state are what they are in an fp32-loaded run;
+3. `cast_frozen` — under bf16/fp16 autocast, frozen linear weights stored in the autocast dtype, and LoRA layers
    taking their input in the dtype it arrives in (not DoRA: its magnitude math reads the base weight in fp32).
 
 Only the `lora` record lists them; QLoRA's 4-bit base layers are not `nn.Linear` and keep PEFT's own path.
@@ -31,6 +34,24 @@ def fuse_dropout(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) -
     from loraforge.methods.lora_dropout import fuse_lora_dropout
 
     fuse_lora_dropout(model)
+
+
+def fp32_where_it_matters(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) -> None:
+    """Embeddings, norms and trainable parameters in fp32 when the base was loaded in a 16-bit dtype.
+
+    These are small (SmolLM2-135M: 28 M embedding parameters, 0.02 M norm weights) next to the frozen linears,
+    which stay 16-bit; a tied LM head shares the embedding's fp32 weight, as in an fp32-loaded run.
+    """
+    import torch
+
+    if ctx.compute_dtype is None:
+        return
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for name, param in module.named_parameters(recurse=False):
+            wanted = isinstance(module, torch.nn.Embedding) or is_norm or param.requires_grad
+            if wanted and param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
 
 
 def cast_frozen(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) -> None:
@@ -85,4 +106,4 @@ def keep_lora_input_dtype(model: torch.nn.Module) -> int:
 
 
 # The order matters: `keep_lora_input_dtype` only touches layers whose dropout is already identity (fused).
-LORA_TRAINING_STEPS = (fuse_dropout, cast_frozen)
+LORA_TRAINING_STEPS = (fuse_dropout, fp32_where_it_matters, cast_frozen)
