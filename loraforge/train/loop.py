@@ -53,10 +53,13 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
     from loraforge.train.setup import (build_accelerator, build_data, build_model, prepare_run_dir,
                                        resolve_precision, save_final, step_plan, tune_cpu_malloc, write_run_json)
     from loraforge.train.optim import build_optimizer, build_scheduler
+    from loraforge.train import sharding as sh
 
     t_start = time.time()
     precision = resolve_precision(cfg.precision)
-    accelerator = build_accelerator(precision)
+    sharding = sh.sharding_for(cfg)
+    with sh.accelerate_without_fsdp(sharding):  # FSDP2 is applied by train/sharding.py on CPU and GPU alike
+        accelerator = build_accelerator(precision)
     malloc_tuned = cfg.tune_cpu_malloc and accelerator.device.type == "cpu" and tune_cpu_malloc()
     from accelerate.utils import set_seed
 
@@ -72,16 +75,24 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
     setup = build_data(cfg, say)
     model, loss_model, report = build_model(cfg, setup.model_dir, setup.tokenizer, say, setup.data)
     say(report.line())
+    if resume_from is not None:
+        _load_weights(model, resume_from)  # before sharding: every process loads the whole (consolidated) weights
 
     plan = step_plan(cfg, setup, accelerator.num_processes)
-    optimizer = build_optimizer(model, cfg)
+    if sharding.fsdp and accelerator.num_processes > 1:
+        say(sh.shard(loss_model, model, sharding, accelerator.device))
+    optimizer = build_optimizer(model, cfg)  # after sharding: FSDP2 optimizer state is sharded with the params
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps)
-    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    if sharding.fsdp:
+        optimizer = accelerator.prepare(optimizer)  # no DDP wrapper around a sharded model
+    else:
+        loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    unwrapped_loss = accelerator.unwrap_model(loss_model)
 
     state = TrainState(world_size=accelerator.num_processes, plan=plan.signature())
     if resume_from is not None:
-        _load_weights(model, resume_from)
-        state = load_checkpoint(resume_from, optimizer, scheduler)
+        state = load_checkpoint(resume_from, optimizer, scheduler, load_optimizer=lambda saved: sh.load_optimizer_state(
+            unwrapped_loss, optimizer, saved, sharding))
         plan.check_resume(state.plan, resume_from)
         state.world_size, state.plan = accelerator.num_processes, plan.signature()
         say(f"resumed from {resume_from} at step {state.global_step}")
@@ -94,15 +105,18 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
 
     logger = RunLogger(run_dir, total_steps=plan.total_steps, start_step=state.global_step, enabled=main,
                        tensorboard="tensorboard" in cfg.report_to, append=resume_from is not None)
-    save_model = _model_saver(accelerator, model, cfg)
+    save_model = sh.ModelSaver(accelerator, model, sharding)
     ckpt_args = dict(keep=cfg.save_total_limit)
 
     def checkpoint_now() -> Path | None:
         accelerator.wait_for_everyone()
         path = None
+        save_model.gather()  # FSDP2: every process takes part in gathering what rank 0 writes
+        optimizer_state = sh.optimizer_state(unwrapped_loss, optimizer, sharding)
         if main:
             best = run_dir / f"checkpoint-{state.best_step}" if state.best_step else None
-            path = save_checkpoint(run_dir, state, save_model, optimizer, scheduler, protect=best, **ckpt_args)
+            path = save_checkpoint(run_dir, state, save_model, optimizer, scheduler, protect=best,
+                                   optimizer_state=optimizer_state, **ckpt_args)
         accelerator.wait_for_everyone()
         return path
 
@@ -137,7 +151,7 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
                     raise _diverged(cfg, state, run_dir, f"loss is {step_loss}")
                 # max_grad_norm null: no clipping, but the norm is still measured and logged
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-                grad_norm = None if grad_norm is None else float(grad_norm)  # None: DeepSpeed clips in its engine
+                grad_norm = None if grad_norm is None else float(sh.full_tensor(grad_norm))  # None: DeepSpeed clips in its engine
                 # A finite loss can still give inf/nan gradients (weights already huge); stepping on them would put
                 # NaN weights into the next checkpoint. fp16's loss scaler skips such steps itself.
                 if precision != "fp16" and grad_norm is not None and not math.isfinite(grad_norm):
@@ -184,6 +198,8 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
 
     logger.close()
     accelerator.wait_for_everyone()
+    if not (cfg.keep_best_checkpoint and (run_dir / "best").is_dir()):
+        save_model.gather()
     if main:
         save_final(cfg, run_dir, save_model, state, setup)
         if cfg.plot_loss:
@@ -214,11 +230,17 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
     total = torch.zeros((), device=accelerator.device)
     tokens = 0
     with torch.no_grad():
-        for mb in setup.val_groups[accelerator.process_index::accelerator.num_processes]:
+        mine = setup.val_groups[accelerator.process_index::accelerator.num_processes]
+        # FSDP2: every forward is collective, so each process runs as many as the busiest one (the extra
+        # ones on a repeated batch that is not counted)
+        rounds = -(-len(setup.val_groups) // accelerator.num_processes) if save_model.sharding.fsdp else len(mine)
+        for i in range(rounds):
+            mb = mine[i] if i < len(mine) else setup.val_groups[0]
             batch = {k: v.to(accelerator.device) for k, v in setup.collate(mb, val=True).items()}
             with accelerator.autocast():
                 s, _ = loss_model(**batch)
-            total += s.float()
+            if i < len(mine):
+                total += s.float()
         tokens = sum(setup.tokens_of(mb, val=True) for mb in setup.val_groups)
     loss_model.train()
     if accelerator.num_processes > 1:
@@ -233,6 +255,8 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
     logger.write(f"step {state.global_step}: val_loss {val_loss:.4f}")
     if state.best_val_loss is None or val_loss < state.best_val_loss - 1e-6:
         state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, state.global_step, 0
+        if cfg.keep_best_checkpoint:
+            save_model.gather()
         if cfg.keep_best_checkpoint and accelerator.is_main_process:
             best = run_dir / "best"
             tmp = run_dir / ".tmp-best"
@@ -248,13 +272,6 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
                      f"(best {state.best_val_loss:.4f} at step {state.best_step})")
         return True
     return False
-
-
-def _model_saver(accelerator, model, cfg: RunConfig) -> Callable[[Path], None]:
-    def save(path: Path) -> None:
-        accelerator.unwrap_model(model).save_pretrained(path, safe_serialization=True)
-
-    return save
 
 
 def _load_weights(model, ckpt: Path) -> None:
