@@ -135,7 +135,10 @@ def test_one_process_checkpoint_resumes_under_fsdp2_with_plain_torchrun(tiny_lla
 def test_fsdp2_full_and_freeze_equal_one_process(method, tiny_llama, rows_file, tmp_path):
     from safetensors.torch import load_file
 
-    opts = dict(OPTS, method=method, learning_rate=1e-3, save_steps=4)
+    from loraforge.config import RunConfig
+
+    opts = dict(max_steps=4, save_steps=4, batch_size=2, method=method, learning_rate=1e-3,
+                lora_dropout=RunConfig.model_fields["lora_dropout"].default)  # make_cfg's LoRA key at its default
     if method == "freeze":
         opts.update(freeze_trainable_layers=1)
     ref = tmp_path / "single"
