@@ -49,6 +49,14 @@ def sharding_for(cfg) -> Sharding:
     Raises:
         ConfigError: FSDP version 1, or a method / option that FSDP2 cannot run here.
     """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available():
+        # measured (accelerate 1.15, deepspeed 0.19.8, whose CPU accelerator itself loads with gloo): with cpu=True
+        # accelerate ignores DeepSpeed and runs DDP; with cpu=False it finds no backend and each process trains
+        # alone (num_processes 1). Neither is ZeRO, so refuse instead of running something else.
+        raise ConfigError([Problem("distributed_type", "DeepSpeed through accelerate needs CUDA GPUs: on a CPU-only "
+                                   "machine accelerate would silently run DDP (or independent single processes)",
+                                   value="DEEPSPEED", allowed="FSDP (configs/accelerate/fsdp2.yaml), MULTI_GPU",
+                                   fix="shard on CPU with configs/accelerate/fsdp2.yaml (FSDP2 ≈ ZeRO-3)")])
     env_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if not env_fsdp and getattr(cfg, "sharding", "ddp") != "fsdp2":
         return Sharding()
