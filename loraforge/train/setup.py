@@ -315,6 +315,7 @@ def write_run_json(cfg: RunConfig, run_dir: Path, state: TrainState, setup: Setu
         "git_sha": _git_sha(),
         "base_model": cfg.base_model,
         "model_dir": str(setup.model_dir),
+        **_conversion(setup.model_dir),
         "method": cfg.method,
         "task_type": cfg.task_type.value,
         "trainable_params": report.trainable,
@@ -330,6 +331,17 @@ def write_run_json(cfg: RunConfig, run_dir: Path, state: TrainState, setup: Setu
         **extra,
     }
     (run_dir / "run.json").write_text(json.dumps(info, indent=1, default=str))
+
+
+def _conversion(model_dir: Path) -> dict:
+    """The source checkpoint and conversion of a base converted from an old remote-code layout (else {})."""
+    from loraforge.models.native import import_record
+
+    rec = import_record(model_dir)
+    if rec is None:
+        return {}
+    return {"conversion": {k: rec.get(k) for k in ("source", "family", "variant", "native_architecture",
+                                                   "converter_version", "source_key", "notes")}}
 
 
 def _jsonable(obj: Any) -> Any:

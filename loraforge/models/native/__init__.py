@@ -83,14 +83,17 @@ def source_key(src: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def cached_convert(src: Path) -> Path:
-    """The converted folder for `src` in the model cache, converting on first use."""
-    from loraforge.models.gguf import cache_root
+def cached_convert(src: Path, cache_dir: Path) -> Path:
+    """The converted folder for `src` under `cache_dir`, converting on first use (said on stderr)."""
+    import sys
 
     src = Path(src)
-    out = cache_root() / "models" / f"{src.resolve().name}-native-{source_key(src)}"
+    out = Path(cache_dir) / f"{src.resolve().name}-native-{source_key(src)}"
     if (out / IMPORT_FILE).is_file():
         return out
+    fam = family_of_checkpoint(read_raw_config(src))
+    print(f"loraforge: converting the {fam.name} checkpoint {src} to {fam.native_architecture} (once) → {out}",
+          file=sys.stderr, flush=True)
     return convert(src, out)
 
 

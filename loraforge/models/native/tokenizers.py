@@ -188,7 +188,7 @@ def save_fast_tokenizer(tok, out: Path, *, chat_template: str, padding_side: str
         names = " ".join(c for c, _ in post_prefix)
         tok.post_processor = processors.TemplateProcessing(single=f"{names} $A", pair=f"{names} $A $B",
                                                            special_tokens=post_prefix)
-    kwargs = {f"{k}_token": v for k, v in special.items() if v is not None}
+    kwargs = {k: v for k, v in special.items() if v is not None}
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, padding_side=padding_side,
                                    model_max_length=model_max_length, clean_up_tokenization_spaces=False,
                                    chat_template=chat_template, **kwargs)
