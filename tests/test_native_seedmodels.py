@@ -178,7 +178,7 @@ def test_qwen1_cutoff_beyond_seq_length_is_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_lora_on_original_names_trains_and_exports_back_exactly(name, tmp_path, monkeypatch):
     import torch
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
     from safetensors.torch import load_file
 
     from loraforge.models.native.original import converted_base_of_run, export_adapter
@@ -206,7 +206,10 @@ def test_lora_on_original_names_trains_and_exports_back_exactly(name, tmp_path, 
     # PEFT loads it on a module tree with the original names and shapes: its update is the native one stacked.
     skeleton = _skeleton(src(name), original_names)
     base = {k: v.clone() for k, v in skeleton.state_dict().items()}
-    merged = PeftModel.from_pretrained(skeleton, str(tmp_path / "orig")).merge_and_unload()
+    peft_cfg = PeftConfig.from_pretrained(str(tmp_path / "orig"))
+    assert peft_cfg.task_type == "CAUSAL_LM" and peft_cfg.rank_pattern
+    peft_cfg.task_type = None  # the skeleton is a bare module tree, not a generating model
+    merged = PeftModel.from_pretrained(skeleton, str(tmp_path / "orig"), config=peft_cfg).merge_and_unload()
     native_model = _native_deltas(converted, result.run_dir)
     for key, weight in merged.state_dict().items():
         delta = weight - base[key]

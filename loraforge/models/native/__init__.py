@@ -188,6 +188,11 @@ def translate_targets(hf_config, targets):
     return out, notes
 
 
+def possible_native_names(leaf: str) -> set[str]:
+    """Native leaf names an original leaf name can become in any converted family (empty when none)."""
+    return {n for fam in NATIVE_FAMILIES.values() for n in original_leaf_names(fam).get(leaf, ())}
+
+
 def original_names_hint(hf_config) -> str | None:
     """For a converted model: the original → native name table, for target_modules suggestions."""
     fam = family_of_converted(hf_config)
