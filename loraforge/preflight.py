@@ -146,7 +146,7 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
 
 def _converted_checks(cfg: RunConfig, hf_config: Any, model_dir: Path, report: PreflightReport) -> list[Problem]:
     """A base converted from an old remote-code layout: say so, translate its original target names, and refuse
-    what the converted model cannot do like the original (Qwen-1 beyond seq_length, measured method limits)."""
+    what the converted model cannot do like the original (Qwen-1 beyond seq_length)."""
     from loraforge.models.native import family_of_converted, import_record, translate_targets
 
     fam = family_of_converted(hf_config)
@@ -163,9 +163,6 @@ def _converted_checks(cfg: RunConfig, hf_config: Any, model_dir: Path, report: P
     if limit and cfg.cutoff_len > limit[0]:
         problems.append(Problem("cutoff_len", f"longer than the checkpoint's seq_length: {limit[1]}",
                                 value=cfg.cutoff_len, allowed=f"≤ {limit[0]}", fix=f"set `cutoff_len: {limit[0]}`"))
-    why = fam.method_limits(native).get(cfg.method)
-    if why:
-        problems.append(Problem("method", why, value=cfg.method, fix="use lora (or another method)"))
     return problems
 
 

@@ -49,7 +49,13 @@ def family_of_converted(hf_config) -> NativeFamily | None:
 
 
 def needs_conversion(model_dir: Path) -> bool:
-    return Path(model_dir).is_dir() and family_of_checkpoint(read_raw_config(model_dir)) is not None
+    """An original ChatGLM/Baichuan/Qwen-1 checkpoint with weights. A config-only folder is not converted:
+    validate checks it against the registry's original module names (it needs no weights)."""
+    from loraforge.models.native.shards import INDEX_NAMES, SINGLE_NAMES
+
+    model_dir = Path(model_dir)
+    has_weights = any((model_dir / n).is_file() for n in INDEX_NAMES + SINGLE_NAMES)
+    return model_dir.is_dir() and has_weights and family_of_checkpoint(read_raw_config(model_dir)) is not None
 
 
 def _refuse(fam: NativeFamily, raw: dict, src: Path) -> None:
@@ -188,9 +194,15 @@ def translate_targets(hf_config, targets):
     return out, notes
 
 
-def possible_native_names(leaf: str) -> set[str]:
-    """Native leaf names an original leaf name can become in any converted family (empty when none)."""
-    return {n for fam in NATIVE_FAMILIES.values() for n in original_leaf_names(fam).get(leaf, ())}
+def native_names_for_base(base_model: str | Path, leaf: str) -> set[str]:
+    """The native leaf names an original leaf name becomes when `base_model` is (or converts to) a converted
+    model; empty for any other base. Reads config.json only."""
+    path = Path(str(base_model)).expanduser()
+    raw = read_raw_config(path) if path.is_dir() else None
+    fam = family_of_converted(raw) if raw else None
+    if fam is None and needs_conversion(path):
+        fam = family_of_checkpoint(raw)
+    return set(original_leaf_names(fam).get(leaf, ())) if fam else set()
 
 
 def original_names_hint(hf_config) -> str | None:

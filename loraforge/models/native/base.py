@@ -55,8 +55,6 @@ class NativeFamily:
     # native leaf names whose weights are not stored as-is in the original (adapters on them cannot go back)
     not_exportable: Callable[[dict], tuple[str, ...]] = lambda raw: ()
     notes: Callable[[dict], list[str]] = lambda raw: []
-    # method name → why that method does not fit the converted model (checked by preflight)
-    method_limits: Callable[[dict], dict[str, str]] = lambda native: {}
     seq_limit: Callable[[dict], tuple[int, str] | None] = lambda native: None
     extra: dict = field(default_factory=dict)
 
