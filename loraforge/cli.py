@@ -119,6 +119,19 @@ def import_gguf_cmd(gguf_file: Path = typer.Argument(..., help="A .gguf model fi
 
 
 @app.command()
+def convert(src: Path = typer.Argument(..., help="A ChatGLM2/3, Baichuan-7B/Baichuan2-7B or Qwen-1 checkpoint dir."),
+            out: Path = typer.Argument(..., help="Where to write the native Hugging Face model dir.")):
+    """Convert an old remote-code checkpoint to its native transformers architecture (GLM, LLaMA, Qwen2)."""
+    from loraforge.models.native import convert as convert_checkpoint, import_record
+
+    done = convert_checkpoint(src, out)
+    rec = import_record(done) or {}
+    typer.echo(f"converted {rec.get('variant')} → {rec.get('native_architecture')} in {done}")
+    for note in rec.get("notes", []):
+        typer.echo(f"note: {note}")
+
+
+@app.command()
 def chat(base: str = typer.Option("smollm2", help="Base model (built-in name, dir or .gguf)."),
          adapter: Optional[List[str]] = typer.Option(None, help="NAME=DIR of an adapter (repeatable)."),
          max_new_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0)):
@@ -150,12 +163,37 @@ def generate(prompt: str = typer.Option(..., help="The user message."),
 def merge(run_dir: Path = typer.Argument(..., help="A LoRA run dir (or adapter dir)."),
           out: Path = typer.Option(..., "--out", help="Where to write the standalone model."),
           base: Optional[str] = typer.Option(None, help="Base model (default: the run's config.yaml)."),
-          dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16")):
+          dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+          layout: str = typer.Option("native", help="native | original: a base converted from ChatGLM2/3, "
+                                     "Baichuan2 or Qwen-1 can be written back in its original weight names")):
     """Merge a LoRA adapter into its base and verify the merged logits."""
+    import tempfile
+
+    from loraforge.errors import LoraforgeError, Problem
     from loraforge.export import merge_adapter
 
-    report = merge_adapter(run_dir, out, base=base, dtype=dtype)
-    typer.echo(str(report))
+    if layout not in ("native", "original"):
+        raise LoraforgeError([Problem("layout", "unknown layout", value=layout, allowed="native, original")])
+    if layout == "native":
+        typer.echo(str(merge_adapter(run_dir, out, base=base, dtype=dtype)))
+        return
+    from loraforge.models.gguf import resolve_model_path
+    from loraforge.models.native.original import converted_base_of_run, to_original_checkpoint
+
+    converted = resolve_model_path(base) if base else converted_base_of_run(run_dir)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        typer.echo(str(merge_adapter(run_dir, Path(tmp) / "native", base=str(converted), dtype=dtype)))
+        typer.echo(f"original layout: {to_original_checkpoint(Path(tmp) / 'native', converted, out)}")
+
+
+@app.command("export-original")
+def export_original_cmd(run_dir: Path = typer.Argument(..., help="A LoRA run on a converted ChatGLM/Baichuan/Qwen-1."),
+                        out: Path = typer.Option(..., "--out", help="Where to write the original-layout adapter.")):
+    """Write the run's adapter for the original remote-code model (fused query_key_value / W_pack / c_attn)."""
+    from loraforge.inference import resolve_adapter_path
+    from loraforge.models.native.original import converted_base_of_run, export_adapter
+
+    typer.echo(str(export_adapter(resolve_adapter_path(run_dir, key="run_dir"), converted_base_of_run(run_dir), out)))
 
 
 @app.command("eval")

@@ -136,11 +136,34 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
         problems.append(Problem("init_adapter", "not an adapter folder (no adapter_config.json)",
                                 value=str(cfg.init_adapter), allowed="a folder written by `loraforge train`",
                                 fix="point init_adapter at a finished run's output_dir"))
+    problems += _converted_checks(cfg, hf_config, model_dir, report)
     if not _has_weights(model_dir):
         report.notes.append(f"{model_dir} has no weight files yet: validation needs none, training will")
     if problems:
         raise PreflightError(problems)
     return hf_config
+
+
+def _converted_checks(cfg: RunConfig, hf_config: Any, model_dir: Path, report: PreflightReport) -> list[Problem]:
+    """A base converted from an old remote-code layout: say so, translate its original target names, and refuse
+    what the converted model cannot do like the original (Qwen-1 beyond seq_length)."""
+    from loraforge.models.native import family_of_converted, import_record, translate_targets
+
+    fam = family_of_converted(hf_config)
+    if fam is None:
+        return []
+    rec = import_record(model_dir) or {}
+    report.notes.append(f"{rec.get('source', cfg.base_model)} ({rec.get('variant', fam.name)}) runs as its native "
+                        f"{fam.native_architecture} conversion in {model_dir}")
+    report.notes += rec.get("notes", [])
+    report.notes += translate_targets(hf_config, cfg.target_modules)[1]
+    native = hf_config.to_dict()
+    problems = []
+    limit = fam.seq_limit(native)
+    if limit and cfg.cutoff_len > limit[0]:
+        problems.append(Problem("cutoff_len", f"longer than the checkpoint's seq_length: {limit[1]}",
+                                value=cfg.cutoff_len, allowed=f"≤ {limit[0]}", fix=f"set `cutoff_len: {limit[0]}`"))
+    return problems
 
 
 def _has_weights(model_dir: Path) -> bool:

@@ -20,7 +20,10 @@ def peft_task_type(task_type: TaskType):
 def resolve_targets(cfg: RunConfig, model: nn.Module) -> list[str] | str:
     """cfg.target_modules, or the model family's default when it is left out."""
     if cfg.target_modules is not None:
-        return cfg.target_modules
+        from loraforge.models.native import translate_targets
+
+        # A model converted from ChatGLM/Baichuan/Qwen-1 also accepts its original names (query_key_value …).
+        return translate_targets(model.config, cfg.target_modules)[0]
     from loraforge.models.discovery import resolve_target_modules
 
     return resolve_target_modules(model.config, model, None)

@@ -89,8 +89,12 @@ def verify(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
         problems.append(Problem("target_modules", "no LoRA weights were created", value=cfg.target_modules,
                                 fix="use names from `loraforge inspect MODEL`"))
     elif isinstance(cfg.target_modules, list):
+        from loraforge.models.native import native_names_for_base
+
         for i, entry in enumerate(cfg.target_modules):
-            if not any(f"{entry}.lora_" in n for n in report.trainable_names):
+            # an original ChatGLM/Baichuan/Qwen-1 name was translated for the converted model (query_key_value …)
+            names = {entry} | native_names_for_base(cfg.base_model, entry)
+            if not any(f"{n}.lora_" in t for n in names for t in report.trainable_names):
                 problems.append(Problem(f"target_modules[{i}]", "no LoRA weights were created for this entry",
                                         value=entry, fix="use names from `loraforge inspect MODEL`"))
     allowed = {"lora", "saved_module"}

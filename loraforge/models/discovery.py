@@ -241,10 +241,16 @@ def check_target_modules(hf_config: Any, model: "nn.Module | None",
     """
     if target_modules is None:
         return []
+    from loraforge.models.native import original_names_hint, translate_targets
+
+    target_modules, _ = translate_targets(hf_config, target_modules)  # a converted model's original names
     known = _known_names(hf_config, model)
     if known is None:
         return []  # nothing to check against; building/loading the model reports why it is unavailable
     layers, linear_names, leaf_names, other_names, fallback_note = known
+    hint = original_names_hint(hf_config)
+    if hint:
+        fallback_note += f" (converted from the original checkpoint, whose names also work: {hint})"
     allowed = ", ".join(leaf_names)
 
     if isinstance(target_modules, str):
@@ -420,6 +426,9 @@ def resolve_target_modules(hf_config: Any, model: "nn.Module | None",
     problems = check_target_modules(hf_config, model, target_modules)
     if problems:
         raise ModelError(problems)
+    from loraforge.models.native import translate_targets
+
+    target_modules, _ = translate_targets(hf_config, target_modules)
     if target_modules is None:
         default = default_target_modules(hf_config, model)
         return ALL_LINEAR if default == [ALL_LINEAR] else default

@@ -63,6 +63,9 @@ def builtin_gguf_path(model: BuiltinModel) -> Path:
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A model dir for a built-in name, a .gguf file (imported and cached) or a local HF dir.
 
+    A ChatGLM2/3, Baichuan-7B/Baichuan2-7B or Qwen-1 checkpoint dir resolves to its native conversion in the
+    cache (`loraforge.models.native`), made on first use.
+
     Raises:
         ModelError: the name is neither built in nor an existing path (no hub downloads, ever).
     """
@@ -80,6 +83,12 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
                 return cached_import(ggufs[0])
             raise ModelError([Problem("base_model", "folder has no config.json (not a Hugging Face model dir)",
                                       value=text, fix="point at the folder that holds config.json, or at a .gguf file")])
+        from loraforge.models.native import cached_convert, needs_conversion
+
+        if needs_conversion(path):
+            # ChatGLM2/3, Baichuan2-7B, Qwen-1: their remote code does not run on transformers 5; use the
+            # native conversion (cached, keyed by the source files).
+            return cached_convert(path, cache_root() / "models")
         return path
     names = [m.name for m in BUILTIN_MODELS] + [a for m in BUILTIN_MODELS for a in m.aliases]
     hint = suggestion(text, names)

@@ -75,6 +75,7 @@ def remote_code_problem(hf_config: Any, trust_remote_code: bool) -> Problem:
                        value=False, allowed="true to run the checkpoint's code",
                        fix="set `trust_remote_code: true` if you trust this checkpoint")
     return Problem("base_model", f"the `{name}` checkpoint's own code could not be loaded (its .py files are "
-                   "missing or need an older transformers; ChatGLM2/3 need transformers < 4.42)",
-                   value=name, fix="use the native transformers port of the model (e.g. the `-hf` checkpoints "
-                   "of GLM-4) or an environment with the transformers version the checkpoint was written for")
+                   "missing or need an older transformers; ChatGLM2/3's need transformers < 4.42)",
+                   value=name, fix="ChatGLM2/3, Baichuan2-7B and Qwen-1 checkpoint dirs are converted to native "
+                   "models automatically (`loraforge convert`); for others use the native transformers port of the "
+                   "model (e.g. the `-hf` checkpoints of GLM-4) or the transformers version the code was written for")

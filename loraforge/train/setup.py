@@ -303,6 +303,7 @@ def write_run_json(cfg: RunConfig, run_dir: Path, state: TrainState, setup: Setu
         **run_header(("torch", "transformers", "peft", "accelerate")),
         "base_model": cfg.base_model,
         "model_dir": str(setup.model_dir),
+        **_conversion(setup.model_dir),
         "method": cfg.method,
         "task_type": cfg.task_type.value,
         "trainable_params": report.trainable,
@@ -318,6 +319,17 @@ def write_run_json(cfg: RunConfig, run_dir: Path, state: TrainState, setup: Setu
         **extra,
     }
     write_info(run_dir, info)
+
+
+def _conversion(model_dir: Path) -> dict:
+    """The source checkpoint and conversion of a base converted from an old remote-code layout (else {})."""
+    from loraforge.models.native import import_record
+
+    rec = import_record(model_dir)
+    if rec is None:
+        return {}
+    return {"conversion": {k: rec.get(k) for k in ("source", "family", "variant", "native_architecture",
+                                                   "converter_version", "source_key", "notes")}}
 
 
 def _jsonable(obj: Any) -> Any:
