@@ -32,6 +32,7 @@ class PreflightReport:
         batching: the batching the trainer will use (`auto` resolved).
         data_stats: the data teammate's `DataStats` (example count, token-length percentiles, overlong count).
         notes: facts worth knowing that are not errors (e.g. the folder has no weights yet).
+        advice: a choice in the config that works but costs the user (attention-only targets), with the change.
     """
 
     model_dir: Path | None = None
@@ -41,6 +42,7 @@ class PreflightReport:
     batching: str | None = None
     data_stats: Any = None
     notes: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
 
     def summary(self, cfg: RunConfig) -> str:
         line = f"preflight OK: {self.model_type} ({self.kind}), task {cfg.task_type.value}, method {cfg.method}"
@@ -48,7 +50,7 @@ class PreflightReport:
             line += f", target_modules {self.target_modules}"
         if self.batching:
             line += f", batching {self.batching}"
-        return "\n".join([line] + [f"note: {n}" for n in self.notes])
+        return "\n".join([line] + [f"note: {n}" for n in self.notes] + self.advice)
 
 
 def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print) -> PreflightReport:
@@ -117,6 +119,7 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
                                            remote_code_problem, resolve_target_modules, try_meta_model)
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.registry import check_task_type, model_kind
+    from loraforge.models.targets import attention_only_advice
 
     model_dir = resolve_model_path(cfg.base_model)
     hf_config = load_hf_config(model_dir, cfg.trust_remote_code)
@@ -132,6 +135,8 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
         problems += check_target_modules(hf_config, meta, cfg.target_modules)
         if not problems:
             report.target_modules = resolve_target_modules(hf_config, meta, cfg.target_modules)
+            advice = attention_only_advice(meta, report.target_modules) if cfg.target_modules is not None else None
+            report.advice += [advice] if advice else []
     if cfg.init_adapter is not None and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
         problems.append(Problem("init_adapter", "not an adapter folder (no adapter_config.json)",
                                 value=str(cfg.init_adapter), allowed="a folder written by `loraforge train`",

@@ -18,9 +18,10 @@ def peft_task_type(task_type: TaskType):
 
 
 def resolve_targets(cfg: RunConfig, model: nn.Module) -> list[str] | str:
-    """cfg.target_modules, or the model family's default when it is left out."""
-    if cfg.target_modules is not None:
-        return cfg.target_modules
+    """cfg.target_modules as PEFT takes it: left out, every linear layer of the blocks; a preset, its names."""
     from loraforge.models.discovery import resolve_target_modules
+    from loraforge.models.targets import is_preset
 
-    return resolve_target_modules(model.config, model, None)
+    if cfg.target_modules is not None and not is_preset(cfg.target_modules):
+        return cfg.target_modules
+    return resolve_target_modules(model.config, model, cfg.target_modules)
