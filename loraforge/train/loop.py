@@ -70,10 +70,20 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
 
     # Model and data. Data is built first: a bad line is reported before any weights are loaded.
     setup = build_data(cfg, say)
+    plan = step_plan(cfg, setup, accelerator.num_processes)
+    continued_from = None
+    if resume_from is not None and not plan.same_data(_saved_plan(resume_from)):
+        # The checkpoint's run trained on other data: the user continues training it on new data (the article's
+        # incremental training), so its weights are the start and the optimizer and schedule are fresh.
+        continued_from, resume_from = resume_from, None
+        cfg = _continue_from(cfg, continued_from)
+        say(f"continuing from the weights of {continued_from}: it was trained on other data, so this is a new run "
+            "on this data with a fresh optimizer and schedule (recorded in run.json as continued_from)")
     model, loss_model, report = build_model(cfg, setup.model_dir, setup.tokenizer, say, setup.data)
+    if continued_from is not None and cfg.init_adapter is None:
+        _load_weights(model, continued_from)  # a full / freeze run: the checkpoint holds the model itself
     say(report.line())
 
-    plan = step_plan(cfg, setup, accelerator.num_processes)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps)
     loss_model, optimizer = accelerator.prepare(loss_model, optimizer)
@@ -190,7 +200,7 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
             plot_loss(state.history, run_dir / "loss.png")
         write_run_json(cfg, run_dir, state, setup, report, precision=precision, seconds=time.time() - t_start,
                        first_step_s=t_first_step, final_loss=last_loss, stopped_early=stopped_early,
-                       cpu_malloc_tuned=malloc_tuned)
+                       cpu_malloc_tuned=malloc_tuned, continued_from=str(continued_from) if continued_from else None)
         say(f"done: {state.global_step} steps, final loss {last_loss:.4f}" if last_loss is not None else "done")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, state.global_step, last_loss, state.best_val_loss, stopped_early, is_main=main)
@@ -255,6 +265,23 @@ def _model_saver(accelerator, model, cfg: RunConfig) -> Callable[[Path], None]:
         accelerator.unwrap_model(model).save_pretrained(path, safe_serialization=True)
 
     return save
+
+
+def _saved_plan(ckpt: Path) -> dict:
+    import json
+
+    from loraforge.train.checkpoint import STATE_FILE
+
+    return json.loads((ckpt / STATE_FILE).read_text()).get("plan", {})
+
+
+def _continue_from(cfg: RunConfig, ckpt: Path) -> RunConfig:
+    """The config of a new run that starts from the checkpoint's weights: an adapter checkpoint is loaded as
+    `init_adapter` (its own target modules and rank), a full model's weights after the model is built."""
+    update = {"resume_from_checkpoint": None}
+    if (ckpt / "adapter_config.json").is_file():
+        update["init_adapter"] = ckpt
+    return cfg.model_copy(update=update)
 
 
 def _load_weights(model, ckpt: Path) -> None:
