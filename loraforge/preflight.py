@@ -53,11 +53,11 @@ class PreflightReport:
         return "\n".join([line] + [f"note: {n}" for n in self.notes] + self.advice)
 
 
-def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print) -> PreflightReport:
+def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print, *, show_data: bool = True) -> PreflightReport:
     """Check the model config, the method and the data against `cfg` without loading weights.
 
     Model-side and data-side checks run independently, so a missing model dir and a bad data line are
-    reported in the same error.
+    reported in the same error. `show_data=False` leaves the data statistics out (`train` prints them itself).
 
     Raises:
         PreflightError: every problem found, each naming its key (or file:line), value, what is allowed and the fix.
@@ -84,7 +84,7 @@ def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print) -> Prefli
     if problems:
         raise PreflightError(_dedupe(problems))
     echo(report.summary(cfg))
-    if report.data_stats is not None:
+    if show_data and report.data_stats is not None:
         from loraforge.data.checks import format_stats
 
         echo(format_stats(report.data_stats))

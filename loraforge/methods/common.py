@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from torch import nn
 
     from loraforge.config import RunConfig, TaskType
+
+# PeftModel.__init__ (peft 0.21) reads transformers 5's deprecated `is_gradient_checkpointing` alias: a
+# FutureWarning from inside the dependencies on every run, about nothing the user can change.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+class _No4bitKernelNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward" not in record.getMessage()
+
+
+_NO_4BIT_NOTE = _No4bitKernelNote()
+
+
+def quiet_unused_bitsandbytes() -> None:
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward" line in a run that has no 4-bit layer.
+
+    PEFT imports bitsandbytes whenever it is installed, to dispatch LoRA layers (peft/tuners/lora/model.py);
+    on a CPU with AVX512-BF16 that import logs a missing optional 4-bit kernel, which only QLoRA would use.
+    QLoRA imports bitsandbytes itself before this is called, so its runs still show the line."""
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _NO_4BIT_NOTE not in log.filters:
+        log.addFilter(_NO_4BIT_NOTE)
 
 
 def peft_task_type(task_type: TaskType):
