@@ -116,10 +116,10 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
     """Resolve the model, read its config, check the task type and target_modules. Returns the HF config,
     or raises with every model-side problem."""
     from loraforge.models.discovery import (check_target_modules, is_remote_placeholder, load_hf_config,
-                                           remote_code_problem, resolve_target_modules, try_meta_model)
+                                           remote_code_problem, try_meta_model)
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.registry import check_task_type, model_kind
-    from loraforge.models.targets import attention_only_advice
+    from loraforge.models.targets import attention_only_advice, resolve_target_modules
 
     model_dir = resolve_model_path(cfg.base_model)
     hf_config = load_hf_config(model_dir, cfg.trust_remote_code)

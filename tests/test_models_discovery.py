@@ -10,8 +10,9 @@ import torch
 
 from loraforge.config.schema import TaskType
 from loraforge.errors import ModelError
-from loraforge.models.discovery import (check_target_modules, default_target_modules, linear_modules, load_hf_config,
-                                        meta_model, resolve_target_modules, try_meta_model)
+from loraforge.models.discovery import (PRESET_NAMES, check_target_modules, linear_modules, load_hf_config, meta_model,
+                                        try_meta_model)
+from loraforge.models.targets import PRESETS, default_target_modules, resolve_target_modules
 from loraforge.models.registry import family_for, model_kind
 from loraforge.models.tiny import TINY_FAMILIES, tiny_config, tiny_remote_config_dir
 
@@ -92,6 +93,10 @@ def test_peft_adapts_exactly_the_block_linears_by_default(family):
     adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert adapted == blocks and blocks
     assert not any("lm_head" in n or "embed" in n for n in adapted)
+
+
+def test_every_preset_name_is_documented():
+    assert set(PRESETS) == set(PRESET_NAMES)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "falcon", "bert", "t5"])

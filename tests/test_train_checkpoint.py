@@ -174,6 +174,11 @@ def test_resume_from_a_checkpoint_trained_on_other_data_continues_training(refer
     opt = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=True)
     assert {float(s["step"]) for s in opt["state"].values()} == {1.0}
     assert json.loads((out / "run.json").read_text())["continued_from"] == str(reference / "checkpoint-4")
+    # the reference left target_modules out: the saved configs name every linear layer of the blocks
+    from loraforge.config import load_config
+
+    blocks = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert load_config(reference / "config.yaml").target_modules == load_config(out / "config.yaml").target_modules == blocks
 
 
 def test_same_data_with_another_seed_is_still_refused(reference, tiny_llama, rows_file, tmp_path):

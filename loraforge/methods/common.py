@@ -44,9 +44,23 @@ def peft_task_type(task_type: TaskType):
 
 def resolve_targets(cfg: RunConfig, model: nn.Module) -> list[str] | str:
     """cfg.target_modules as PEFT takes it: left out, every linear layer of the blocks; a preset, its names."""
-    from loraforge.models.discovery import resolve_target_modules
-    from loraforge.models.targets import is_preset
+    from loraforge.models.discovery import is_preset
+    from loraforge.models.targets import resolve_target_modules
 
     if cfg.target_modules is not None and not is_preset(cfg.target_modules):
         return cfg.target_modules
     return resolve_target_modules(model.config, model, cfg.target_modules)
+
+
+def peft_target_modules(model: nn.Module) -> list[str] | str | None:
+    """The target_modules of a built PEFT model, in model order (PEFT keeps them as a set); None without any."""
+    peft_config = getattr(model, "peft_config", None)
+    targets = getattr(peft_config.get("default"), "target_modules", None) if isinstance(peft_config, dict) else None
+    if targets is None or isinstance(targets, str):
+        return targets
+    names = [n for n, _ in model.named_modules()]
+
+    def first(t: str) -> int:
+        return next((i for i, n in enumerate(names) if n == t or n.endswith("." + t)), len(names))
+
+    return sorted(targets, key=lambda t: (first(t), t))

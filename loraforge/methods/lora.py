@@ -83,7 +83,7 @@ def verify(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
 
 def adapted_linears(cfg: RunConfig, shape: ModelShape) -> list[dict[str, Any]]:
     """The linear layers LoRA will wrap, matched the way PEFT matches `target_modules`."""
-    from loraforge.models.discovery import resolve_target_modules
+    from loraforge.models.targets import resolve_target_modules
 
     linears = shape.linears
     targets = resolve_target_modules(shape.hf_config, shape.model, cfg.target_modules)

@@ -21,13 +21,19 @@ from loraforge.errors import ModelError, Problem, did_you_mean
 from loraforge.models.hf_config import (AUTO_CLASSES, is_remote_placeholder, load_hf_config,  # noqa: F401
                                         remote_code_problem)
 from loraforge.models.registry import Family, family_for
-# the default and the presets live in targets.py; resolve_target_modules below applies them
-from loraforge.models.targets import ALL_LINEAR, PRESETS, default_target_modules, is_preset, preset_targets
 
 if TYPE_CHECKING:
     from torch import nn
 
 Group = Literal["attention", "mlp", "head", "other"]
+ALL_LINEAR = "all-linear"
+# the names a string target_modules may be instead of a regex; what each adapts: models/targets.py
+PRESET_NAMES = ("all", "attention", "qv", "mlp", ALL_LINEAR)
+
+
+def is_preset(value: Any) -> bool:
+    """A preset loraforge resolves to names itself (`all-linear` is PEFT's own and goes to PEFT as is)."""
+    return isinstance(value, str) and value.lower() in PRESET_NAMES and value.lower() != ALL_LINEAR
 
 
 @dataclass(frozen=True)
@@ -267,7 +273,7 @@ def check_target_modules(hf_config: Any, model: "nn.Module | None",
         if not isinstance(entry, str):
             problems.append(Problem(key, "must be a module name (a string)", value=entry, allowed=allowed))
             continue
-        if entry.lower() in PRESETS:
+        if entry.lower() in PRESET_NAMES:
             problems.append(Problem(key, f"`{entry}` is a preset: it only works as the whole value, not inside a list",
                                     value=entry, fix=f"write `target_modules: {entry.lower()}`"))
             continue
@@ -381,28 +387,3 @@ def _inner_leaves(model: "nn.Module", entry: str, layers: list[LinearInfo]) -> l
     """Leaf names of the linear layers inside the modules `entry` names (for `self_attn` → q_proj, k_proj…)."""
     prefixes = [n for n, _ in model.named_modules() if n == entry or n.endswith("." + entry)]
     return list(dict.fromkeys(i.leaf for i in layers if any(i.name.startswith(p + ".") for p in prefixes)))
-
-
-def resolve_target_modules(hf_config: Any, model: "nn.Module | None",
-                           target_modules: list[str] | tuple[str, ...] | str | None) -> list[str] | str:
-    """What to pass to PEFT's `target_modules`: the default or a preset resolved to names, else the checked value.
-
-    Raises:
-        ModelError: any entry matches no module (see check_target_modules).
-    """
-    problems = check_target_modules(hf_config, model, target_modules)
-    if problems:
-        raise ModelError(problems)
-    if target_modules is None:
-        default = default_target_modules(hf_config, model)
-        return ALL_LINEAR if default == [ALL_LINEAR] else default
-    if is_preset(target_modules):
-        names = preset_targets(hf_config, model, target_modules)
-        if not names:
-            raise ModelError([Problem("target_modules", f"this model has no layer the `{target_modules}` preset "
-                                      "adapts", value=target_modules, allowed=", ".join(PRESETS),
-                                      fix="leave target_modules out, or list names from `loraforge inspect MODEL`")])
-        return names
-    if isinstance(target_modules, str):
-        return ALL_LINEAR if target_modules.lower() == ALL_LINEAR else target_modules
-    return list(target_modules)

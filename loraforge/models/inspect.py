@@ -86,11 +86,11 @@ def inspect_model(name_or_path: str | Path, trust_remote_code: bool = False) -> 
     Raises:
         ModelError: the model cannot be found, or its config cannot be read.
     """
-    from loraforge.models.discovery import (default_target_modules, is_remote_placeholder, linear_modules,
-                                            load_hf_config, meta_model)
+    from loraforge.models.discovery import is_remote_placeholder, linear_modules, load_hf_config, meta_model
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.loader import _WEIGHT_GLOBS
     from loraforge.models.registry import family_for, model_kind, supported_task_types
+    from loraforge.models.targets import default_target_modules
 
     model_dir = resolve_model_path(name_or_path)
     hf_config = load_hf_config(model_dir, trust_remote_code)

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from loraforge.errors import ModelError, Problem
+from loraforge.models.discovery import (_ATTN_ROLES, ALL_LINEAR, PRESET_NAMES, LinearInfo, _roles_of_layer,
+                                        _roles_of_name, check_target_modules, is_preset, linear_modules)
 from loraforge.models.registry import family_for
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from loraforge.models.discovery import LinearInfo
-
-ALL_LINEAR = "all-linear"
 # name -> what it adapts (config-help shows these lines)
 PRESETS: dict[str, str] = {
     "all": "the default written out: every linear layer of the transformer blocks (LLaMA-Factory's "
@@ -37,10 +37,6 @@ PRESETS: dict[str, str] = {
 _REGISTRY_HEADS = {"lm_head", "output_layer", "output", "embed_out"}
 
 
-def is_preset(value: Any) -> bool:
-    return isinstance(value, str) and value.lower() in PRESETS and value.lower() != ALL_LINEAR
-
-
 def in_blocks(info: LinearInfo) -> bool:
     """A linear layer of the repeated transformer blocks (its name has a layer index), not a head."""
     return info.group != "head" and any(p.isdigit() for p in info.name.split("."))
@@ -50,8 +46,6 @@ def default_target_modules(hf_config: Any, model: nn.Module | None) -> list[str]
     """Every linear layer of the blocks, as the shortest names PEFT matches exactly (`[q_proj, …, down_proj]`)."""
     if model is None:
         return _registry_names(hf_config, None)
-    from loraforge.models.discovery import linear_modules
-
     layers = linear_modules(model)
     return peft_names([i for i in layers if in_blocks(i)], model) or [ALL_LINEAR]
 
@@ -63,8 +57,6 @@ def preset_targets(hf_config: Any, model: nn.Module | None, preset: str) -> list
         return default_target_modules(hf_config, model)
     if model is None:
         return _registry_names(hf_config, preset)
-    from loraforge.models.discovery import linear_modules
-
     layers = [i for i in linear_modules(model) if in_blocks(i)]
     if preset == "qv":
         chosen = _qv_layers(hf_config, layers)
@@ -76,8 +68,6 @@ def preset_targets(hf_config: Any, model: nn.Module | None, preset: str) -> list
 def _qv_layers(hf_config: Any, layers: list[LinearInfo]) -> list[LinearInfo]:
     """The family's query/value names when the model has them; else PEFT's per-model_type default; else the
     layers whose role is query/value (or fused QKV)."""
-    from loraforge.models.discovery import _roles_of_layer
-
     leaves = {i.leaf for i in layers}
     fam = family_for(hf_config)
     names: list[str] | None = None
@@ -104,8 +94,6 @@ def _qv_layers(hf_config: Any, layers: list[LinearInfo]) -> list[LinearInfo]:
 
 def _registry_names(hf_config: Any, preset: str | None) -> list[str]:
     """Without a model: the family registry's names (remote-code modules, minus the output layer)."""
-    from loraforge.models.discovery import _ATTN_ROLES, _roles_of_name
-
     fam = family_for(hf_config)
     if fam is None:
         return []
@@ -146,8 +134,6 @@ def attention_only_advice(model: nn.Module | None, targets: list[str] | str) -> 
         return None
     import re
 
-    from loraforge.models.discovery import linear_modules
-
     layers = [i for i in linear_modules(model) if in_blocks(i)]
     if isinstance(targets, str):  # a PEFT regex: full match of the module name
         adapted = [i for i in layers if re.fullmatch(targets, i.name)]
@@ -158,3 +144,28 @@ def attention_only_advice(model: nn.Module | None, targets: list[str] | str) -> 
     return ("advice: target_modules adapts attention layers only; LoRA on attention alone learns much less "
             "(QLoRA paper §4; a persona run on SmolLM2: 0/12 held-out answers vs 12/12). Leave target_modules "
             "out to adapt every linear layer of the blocks (or set `target_modules: all-linear`)")
+
+
+def resolve_target_modules(hf_config: Any, model: "nn.Module | None",
+                           target_modules: list[str] | tuple[str, ...] | str | None) -> list[str] | str:
+    """What to pass to PEFT's `target_modules`: the default or a preset resolved to names, else the checked value.
+
+    Raises:
+        ModelError: any entry matches no module (see check_target_modules).
+    """
+    problems = check_target_modules(hf_config, model, target_modules)
+    if problems:
+        raise ModelError(problems)
+    if target_modules is None:
+        default = default_target_modules(hf_config, model)
+        return ALL_LINEAR if default == [ALL_LINEAR] else default
+    if is_preset(target_modules):
+        names = preset_targets(hf_config, model, target_modules)
+        if not names:
+            raise ModelError([Problem("target_modules", f"this model has no layer the `{target_modules}` preset "
+                                      "adapts", value=target_modules, allowed=", ".join(PRESET_NAMES),
+                                      fix="leave target_modules out, or list names from `loraforge inspect MODEL`")])
+        return names
+    if isinstance(target_modules, str):
+        return ALL_LINEAR if target_modules.lower() == ALL_LINEAR else target_modules
+    return list(target_modules)

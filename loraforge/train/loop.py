@@ -21,6 +21,7 @@ import torch
 
 from loraforge.config import RunConfig, save_config
 from loraforge.errors import ConfigError, LoraforgeError, Problem
+from loraforge.methods.common import peft_target_modules
 from loraforge.train.checkpoint import (TrainState, clean_partial, latest_checkpoint, list_checkpoints, load_checkpoint,
                                         save_checkpoint)
 from loraforge.train.logging import RunLogger, plot_loss
@@ -96,7 +97,10 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
         state.world_size, state.plan = accelerator.num_processes, plan.signature()
         say(f"resumed from {resume_from} at step {state.global_step}")
     if main:
-        save_config(cfg.model_copy(update={"precision": precision}), run_dir / "config.yaml")
+        # the layers really adapted (the default or a preset resolved), so the saved config says what trained
+        targets = peft_target_modules(model)
+        saved = {"precision": precision, **({"target_modules": targets} if targets else {})}
+        save_config(cfg.model_copy(update=saved), run_dir / "config.yaml")
         setup.tokenizer.save_pretrained(run_dir)
     say(f"{len(setup.data.train)} training examples, {plan.total_steps} optimizer steps "
         f"({plan.groups_per_epoch} per epoch, {precision}, batching={setup.batching}"
