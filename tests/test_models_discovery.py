@@ -10,8 +10,9 @@ import torch
 
 from loraforge.config.schema import TaskType
 from loraforge.errors import ModelError
-from loraforge.models.discovery import (check_target_modules, default_target_modules, linear_modules, load_hf_config,
-                                        meta_model, resolve_target_modules, try_meta_model)
+from loraforge.models.discovery import (PRESET_NAMES, check_target_modules, linear_modules, load_hf_config, meta_model,
+                                        try_meta_model)
+from loraforge.models.targets import PRESETS, default_target_modules, resolve_target_modules
 from loraforge.models.registry import family_for, model_kind
 from loraforge.models.tiny import TINY_FAMILIES, tiny_config, tiny_remote_config_dir
 
@@ -47,18 +48,37 @@ def test_linear_leaf_names_match_measurements(family):
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_family_default_targets_exist_in_the_built_model(family):
+def test_family_qv_names_exist_in_the_built_model(family):
     cfg, model = built(family)
     fam = family_for(cfg)
-    assert set(fam.default_targets) <= leaves(model)
-    assert default_target_modules(cfg, model) == list(fam.default_targets)
-    assert check_target_modules(cfg, model, list(fam.default_targets)) == []
-    assert resolve_target_modules(cfg, model, None) == list(fam.default_targets)
+    assert set(fam.qv_targets) <= leaves(model)
+    assert set(resolve_target_modules(cfg, model, "qv")) == set(fam.qv_targets)
+    assert check_target_modules(cfg, model, list(fam.qv_targets)) == []
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon", "t5", "bert", "phi3"])
-def test_peft_adapts_exactly_the_default_layers(family):
-    """The resolved defaults are what PEFT adapts on a real (tiny, CPU) model."""
+# Left out, target_modules is every linear layer of the blocks (issue 14): fused layers included, no head.
+DEFAULTS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "phi3": ["o_proj", "qkv_proj", "gate_up_proj", "down_proj"],
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "bert": ["query", "key", "value", "output.dense", "intermediate.dense"],  # `dense` alone would hit the pooler
+}
+
+
+@pytest.mark.parametrize("family", sorted(DEFAULTS))
+def test_default_is_every_linear_layer_of_the_blocks(family):
+    cfg, model = built(family)
+    assert resolve_target_modules(cfg, model, None) == default_target_modules(cfg, model) == DEFAULTS[family]
+    assert resolve_target_modules(cfg, model, "all") == DEFAULTS[family]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_peft_adapts_exactly_the_block_linears_by_default(family):
+    """The resolved default makes PEFT adapt every linear layer with a layer index, and nothing else
+    (no LM head, classifier or pooler), on a real (tiny, CPU) model of every family."""
     from peft import LoraConfig, get_peft_model
 
     cfg = tiny_config(family, 1000)
@@ -68,11 +88,33 @@ def test_peft_adapts_exactly_the_default_layers(family):
     from loraforge.models.loader import AUTO_CLASSES
 
     model = getattr(transformers, AUTO_CLASSES[task]).from_config(cfg)
-    targets = resolve_target_modules(cfg, model, None)
-    expected = sum(1 for i in linear_modules(model) if i.leaf in targets)
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets))
-    adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
-    assert len(adapted) == expected > 0
+    blocks = {i.name for i in linear_modules(model) if i.group != "head" and any(p.isdigit() for p in i.name.split("."))}
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=resolve_target_modules(cfg, model, None)))
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == blocks and blocks
+    assert not any("lm_head" in n or "embed" in n for n in adapted)
+
+
+def test_every_preset_name_is_documented():
+    assert set(PRESETS) == set(PRESET_NAMES)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon", "bert", "t5"])
+def test_presets_split_attention_and_mlp(family):
+    cfg, model = built(family)
+    by_name = {i.name: i for i in linear_modules(model)}
+
+    def hits(targets):
+        return {n for n in by_name if any(n == t or n.endswith("." + t) for t in targets)}
+
+    attention, mlp = (hits(resolve_target_modules(cfg, model, p)) for p in ("attention", "MLP"))
+    assert attention and mlp and not attention & mlp
+    assert {by_name[n].group for n in attention} == {"attention"} and {by_name[n].group for n in mlp} == {"mlp"}
+    assert attention | mlp == hits(resolve_target_modules(cfg, model, None))
+    assert hits(resolve_target_modules(cfg, model, "qv")) < attention
+    assert check_target_modules(cfg, model, "attention") == []
+    (p,) = check_target_modules(cfg, model, ["attention"])
+    assert "preset" in p.message and "target_modules: attention" in p.fix
 
 
 def test_shapes_classes_and_groups():
@@ -229,8 +271,11 @@ def test_remote_code_family_falls_back_to_registry_names(tmp_path, family, wrong
     assert len(problems) == len(wrong)
     assert all(f"`{right}`" in p.fix and "registry" in p.message for p in problems)
     fam = family_for(cfg)
-    assert check_target_modules(cfg, None, list(fam.default_targets)) == []
-    assert resolve_target_modules(cfg, None, None) == list(fam.default_targets)
+    assert check_target_modules(cfg, None, list(fam.qv_targets)) == []
+    assert resolve_target_modules(cfg, None, "qv") == list(fam.qv_targets)
+    default = resolve_target_modules(cfg, None, None)
+    assert right in default and "lm_head" not in default and "output_layer" not in default
+    assert len(default) > 1 and set(default) < set(fam.remote_code_modules)
 
 
 def test_remote_config_with_trust_but_no_code(tmp_path):

@@ -50,11 +50,11 @@ def test_registry_names_the_required_families_and_fused_qkv():
     for name in ("llama", "mistral", "qwen", "qwen2", "qwen3", "chatglm", "glm", "baichuan", "gpt2", "gpt_neox",
                  "bloom", "falcon", "phi", "phi3", "gemma", "t5", "bart", "bert"):
         assert name in by_name
-    assert by_name["chatglm"].default_targets == ("query_key_value",) and by_name["chatglm"].needs_remote_code
+    assert by_name["chatglm"].qv_targets == ("query_key_value",) and by_name["chatglm"].needs_remote_code
     assert by_name["baichuan"].fused_qkv == ("W_pack",)
-    assert by_name["qwen"].default_targets == ("c_attn",)
-    assert by_name["glm"].default_targets == ("q_proj", "v_proj") and not by_name["glm"].needs_remote_code
-    assert by_name["t5"].default_targets == ("q", "v") and by_name["bert"].default_targets == ("query", "value")
+    assert by_name["qwen"].qv_targets == ("c_attn",)
+    assert by_name["glm"].qv_targets == ("q_proj", "v_proj") and not by_name["glm"].needs_remote_code
+    assert by_name["t5"].qv_targets == ("q", "v") and by_name["bert"].qv_targets == ("query", "value")
 
 
 def test_allowed_task_types_per_kind():

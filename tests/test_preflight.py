@@ -62,9 +62,27 @@ def test_overlong_drop_is_counted(weightless_llama, data_file):
     assert "data: 8 training examples" in text and "dropped 2" in text
 
 
-def test_default_targets_are_the_family_default(weightless_llama, data_file):
-    report = run_preflight(cfg_of(weightless_llama, data_file), echo=lambda _m: None)
-    assert report.target_modules == ["q_proj", "v_proj"]
+def test_default_targets_are_every_linear_layer_of_the_blocks(weightless_llama, data_file):
+    lines: list[str] = []
+    report = run_preflight(cfg_of(weightless_llama, data_file), echo=lines.append)
+    assert report.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert "target_modules ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']" in lines[0]
+    assert not any("advice" in line for line in lines)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "attention", r".*\.(q|k|v|o)_proj"])
+def test_attention_only_targets_get_one_advisory_line(weightless_llama, data_file, targets):
+    lines: list[str] = []
+    run_preflight(cfg_of(weightless_llama, data_file, target_modules=targets), echo=lines.append)
+    (advice,) = [line for line in "\n".join(lines).splitlines() if "attention layers only" in line]
+    assert advice.startswith("advice: ") and "Leave target_modules out" in advice
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "down_proj"], "all-linear", "mlp", "all"])
+def test_targets_with_mlp_layers_get_no_advice(weightless_llama, data_file, targets):
+    lines: list[str] = []
+    run_preflight(cfg_of(weightless_llama, data_file, target_modules=targets), echo=lines.append)
+    assert not any("advice" in line for line in lines)
 
 
 def test_method_check_hook_runs(weightless_llama, data_file):

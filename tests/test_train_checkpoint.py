@@ -152,3 +152,41 @@ def test_init_adapter_starts_from_its_weights_with_a_fresh_optimizer(reference, 
     opt = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=True)
     assert {float(s["step"]) for s in opt["state"].values()} == {1.0}
     assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_resume_from_a_checkpoint_trained_on_other_data_continues_training(reference, tiny_llama, tmp_path):
+    """The article's incremental training (issue 14): `resume_from_checkpoint` at another run's checkpoint, new
+    data, an output_dir that does not exist yet: a new run from the checkpoint's weights with a fresh optimizer."""
+    from test_train_helpers import write_rows
+
+    new_data = write_rows(tmp_path / "new.jsonl", n=12, offset=100)
+    out = tmp_path / "new" / "run"
+    said: list[str] = []
+    cfg = make_cfg(tiny_llama, new_data, out, max_steps=1, save_steps=1, learning_rate=1e-9,
+                   overwrite_output_dir=False, resume_from_checkpoint=str(reference / "checkpoint-4"))
+    from loraforge.train.loop import train
+
+    result = train(cfg, echo=said.append)
+    assert result.global_step == 1  # counted from 0: not step 5 of the old run
+    (line,) = [s for s in said if s.startswith("continuing from the weights of")]
+    assert "fresh optimizer" in line and str(reference / "checkpoint-4") in line
+    assert max_weight_diff(adapter(out), adapter(reference / "checkpoint-4")) < 1e-6  # started from its weights
+    opt = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in opt["state"].values()} == {1.0}
+    assert json.loads((out / "run.json").read_text())["continued_from"] == str(reference / "checkpoint-4")
+    # the reference left target_modules out: the saved configs name every linear layer of the blocks
+    from loraforge.config import load_config
+
+    blocks = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert load_config(reference / "config.yaml").target_modules == load_config(out / "config.yaml").target_modules == blocks
+
+
+def test_same_data_with_another_seed_is_still_refused(reference, tiny_llama, rows_file, tmp_path):
+    """Same data, other seed: an interrupted run resumed by mistake, not continued training."""
+    from loraforge.errors import ConfigError
+
+    out = tmp_path / "seeded"
+    _interrupted_copy(reference, out, keep_until=4)
+    with pytest.raises(ConfigError) as e:
+        run(**dict(_resume_cfg(tiny_llama, rows_file, out, "latest"), seed=7))
+    assert "seed = 0, this run has 7" in e.value.format()

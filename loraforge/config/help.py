@@ -16,6 +16,11 @@ def format_config_help() -> str:
         for name, f in section.model_fields.items():
             default = f.default.value if hasattr(f.default, "value") else f.default
             lines.append(f"{name}: {default!r}\n    {f.description}")
+    from loraforge.models.targets import PRESETS
+
+    lines.append("\n# target_modules presets (resolved against the model's real layers; the family registry's "
+                 "names when its code is not available)")
+    lines += [f"{name}\n    {what}" for name, what in PRESETS.items()]
     aliases = ", ".join(f"{a} → {k}" for a, k in sorted(KEY_ALIASES.items()))
     lines.append(f"\n# accepted aliases\n{aliases}")
     return "\n".join(lines)

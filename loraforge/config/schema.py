@@ -118,8 +118,11 @@ class MethodSection(_Section):
     lora_bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train (peft `bias`).")
     target_modules: Union[list[str], str, None] = Field(
         None,
-        description="Module names to adapt: a list of names, a regex string, or `all-linear`. "
-        "Left out: the model family's default (LLaMA q_proj/v_proj, ChatGLM query_key_value, …).",
+        description="Layers LoRA adapts. Left out: every linear layer inside the transformer blocks (attention "
+        "and MLP, fused ones such as query_key_value/W_pack/c_attn included; never the LM head or embeddings); "
+        "the resolved list is printed by validate/train and saved in the run's config.yaml. Or a preset "
+        "(`all`, `attention`, `qv`, `mlp`, `all-linear`: see `target_modules presets` below), a list of names, or a "
+        "regex string.",
     )
     modules_to_save: Union[list[str], None] = Field(
         None, description="Extra modules trained in full and saved with the adapter (e.g. a classification head)."

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from loraforge.config.methods import LORA
 from loraforge.errors import Problem
 from loraforge.methods.base import Method, ModelShape, ParamEstimate
-from loraforge.methods.common import peft_task_type, resolve_targets
+from loraforge.methods.common import peft_task_type, quiet_unused_bitsandbytes, resolve_targets
 from loraforge.methods.lora_training import LORA_TRAINING_STEPS
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """Wrap `model` in a trainable PEFT LoRA model (or load `cfg.init_adapter` to continue training it)."""
     from peft import PeftModel, get_peft_model
 
+    quiet_unused_bitsandbytes()
     if cfg.init_adapter is not None:
         # Continued training: start from the adapter's weights, but a fresh optimizer and schedule.
         return PeftModel.from_pretrained(model, str(cfg.init_adapter), is_trainable=True)
@@ -109,7 +110,7 @@ def verify(report: TrainableReport, cfg: RunConfig) -> list[Problem]:
 
 def adapted_linears(cfg: RunConfig, shape: ModelShape) -> list[dict[str, Any]]:
     """The linear layers LoRA will wrap, matched the way PEFT matches `target_modules`."""
-    from loraforge.models.discovery import resolve_target_modules
+    from loraforge.models.targets import resolve_target_modules
 
     linears = shape.linears
     targets = resolve_target_modules(shape.hf_config, shape.model, cfg.target_modules)

@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 
 Group = Literal["attention", "mlp", "head", "other"]
 ALL_LINEAR = "all-linear"
+# the names a string target_modules may be instead of a regex; what each adapts: models/targets.py
+PRESET_NAMES = ("all", "attention", "qv", "mlp", ALL_LINEAR)
+
+
+def is_preset(value: Any) -> bool:
+    """A preset loraforge resolves to names itself (`all-linear` is PEFT's own and goes to PEFT as is)."""
+    return isinstance(value, str) and value.lower() in PRESET_NAMES and value.lower() != ALL_LINEAR
 
 
 @dataclass(frozen=True)
@@ -237,9 +244,10 @@ def check_target_modules(hf_config: Any, model: "nn.Module | None",
         hf_config: the model's config.
         model: the model (meta-device is enough). None for a remote-code checkpoint whose code is unavailable:
             the names are then checked against the registry's list for its family (said in each problem).
-        target_modules: None (family default), `all-linear`, a regex string, or a list of names.
+        target_modules: None (every linear layer of the blocks), a preset (`attention`, `qv`, `mlp`,
+            `all-linear`), a regex string, or a list of names.
     """
-    if target_modules is None:
+    if target_modules is None or is_preset(target_modules):
         return []
     from loraforge.models.native import original_names_hint, translate_targets
 
@@ -261,7 +269,7 @@ def check_target_modules(hf_config: Any, model: "nn.Module | None",
                         value=target_modules, allowed=allowed)]
     if not target_modules:
         return [Problem("target_modules", "an empty list adapts nothing", value=[], allowed=allowed,
-                        fix="leave target_modules out to use the model family's default")]
+                        fix="leave target_modules out to adapt every linear layer of the blocks")]
 
     problems: list[Problem] = []
     corrected: list[str] = []
@@ -271,9 +279,9 @@ def check_target_modules(hf_config: Any, model: "nn.Module | None",
         if not isinstance(entry, str):
             problems.append(Problem(key, "must be a module name (a string)", value=entry, allowed=allowed))
             continue
-        if entry.lower() == ALL_LINEAR:
-            problems.append(Problem(key, "`all-linear` only works as the whole value, not inside a list",
-                                    value=entry, fix="write `target_modules: all-linear`"))
+        if entry.lower() in PRESET_NAMES:
+            problems.append(Problem(key, f"`{entry}` is a preset: it only works as the whole value, not inside a list",
+                                    value=entry, fix=f"write `target_modules: {entry.lower()}`"))
             continue
         if model is None:
             hit = entry in leaf_names or any(entry.endswith("." + n) for n in leaf_names)
@@ -385,53 +393,3 @@ def _inner_leaves(model: "nn.Module", entry: str, layers: list[LinearInfo]) -> l
     """Leaf names of the linear layers inside the modules `entry` names (for `self_attn` → q_proj, k_proj…)."""
     prefixes = [n for n, _ in model.named_modules() if n == entry or n.endswith("." + entry)]
     return list(dict.fromkeys(i.leaf for i in layers if any(i.name.startswith(p + ".") for p in prefixes)))
-
-
-def default_target_modules(hf_config: Any, model: "nn.Module | None") -> list[str]:
-    """LoRA targets used when the config leaves `target_modules` out.
-
-    The family's default when all its names exist in the model (or the model cannot be built); otherwise PEFT's
-    own default for the model_type; otherwise the model's query/value (or fused QKV) attention layers.
-    """
-    fam = family_for(hf_config)
-    if model is None:
-        return list(fam.default_targets) if fam else []
-    layers = linear_modules(model)
-    leaves = list(dict.fromkeys(i.leaf for i in layers))
-    if fam and all(t in leaves for t in fam.default_targets):
-        return list(fam.default_targets)
-    try:
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
-
-        peft_default = peft_defaults.get(getattr(hf_config, "model_type", ""))
-        if isinstance(peft_default, list) and all(t in leaves for t in peft_default):
-            return list(peft_default)
-    except ImportError:
-        pass
-    attn = [i for i in layers if i.group == "attention"]
-    for roles in ({"q", "v"}, {"qkv"}):
-        hits = [i.leaf for i in attn if _roles_of_layer(i) & roles]
-        if hits:
-            return list(dict.fromkeys(hits))
-    return list(dict.fromkeys(i.leaf for i in attn)) or [ALL_LINEAR]
-
-
-def resolve_target_modules(hf_config: Any, model: "nn.Module | None",
-                           target_modules: list[str] | tuple[str, ...] | str | None) -> list[str] | str:
-    """What to pass to PEFT's `target_modules`: the family default when None, else the checked value.
-
-    Raises:
-        ModelError: any entry matches no module (see check_target_modules).
-    """
-    problems = check_target_modules(hf_config, model, target_modules)
-    if problems:
-        raise ModelError(problems)
-    from loraforge.models.native import translate_targets
-
-    target_modules, _ = translate_targets(hf_config, target_modules)
-    if target_modules is None:
-        default = default_target_modules(hf_config, model)
-        return ALL_LINEAR if default == [ALL_LINEAR] else default
-    if isinstance(target_modules, str):
-        return ALL_LINEAR if target_modules.lower() == ALL_LINEAR else target_modules
-    return list(target_modules)

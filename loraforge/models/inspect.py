@@ -86,11 +86,11 @@ def inspect_model(name_or_path: str | Path, trust_remote_code: bool = False) -> 
     Raises:
         ModelError: the model cannot be found, or its config cannot be read.
     """
-    from loraforge.models.discovery import (default_target_modules, is_remote_placeholder, linear_modules,
-                                            load_hf_config, meta_model)
+    from loraforge.models.discovery import is_remote_placeholder, linear_modules, load_hf_config, meta_model
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.loader import _WEIGHT_GLOBS
     from loraforge.models.registry import family_for, model_kind, supported_task_types
+    from loraforge.models.targets import default_target_modules
 
     model_dir = resolve_model_path(name_or_path)
     hf_config = load_hf_config(model_dir, trust_remote_code)
@@ -105,7 +105,7 @@ def inspect_model(name_or_path: str | Path, trust_remote_code: bool = False) -> 
         weights_present=any(any(model_dir.glob(g)) for g in _WEIGHT_GLOBS))
     if is_remote_placeholder(hf_config):
         report.registry_modules = list(fam.remote_code_modules) if fam else []
-        report.default_targets = list(fam.default_targets) if fam else []
+        report.default_targets = default_target_modules(hf_config, None)
         report.notes.append("the model's own code is not available here (trust_remote_code off, code files missing, "
                             "or it needs an older transformers): module names come from loraforge's registry, "
                             "without shapes or parameter counts")
@@ -123,7 +123,7 @@ def inspect_model(name_or_path: str | Path, trust_remote_code: bool = False) -> 
     report.default_targets = default_target_modules(hf_config, model)
     heads = _output_head_names(model)
     report.all_linear = list(dict.fromkeys(i.leaf for i in report.layers if i.name not in heads))
-    chosen = [i for i in report.layers if i.leaf in report.default_targets]
+    chosen = [i for i in report.layers if any(i.name == t or i.name.endswith("." + t) for t in report.default_targets)]
     report.lora_params = sum(_LORA_R * (i.in_features + i.out_features) for i in chosen)
     if any(i.cls_name == "Conv1D" for i in report.layers):
         report.notes.append("Conv1D layers store weights transposed: PEFT sets fan_in_fan_out=True for them")

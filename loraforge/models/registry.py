@@ -1,9 +1,9 @@
-"""Model families: what kind of model a config describes, its default LoRA targets, and which task types fit.
+"""Model families: what kind of model a config describes, its query/value LoRA names, and which task types fit.
 
 Everything here works from the Hugging Face config alone (no weights, no model build), so a wrong `task_type`
 is refused in milliseconds. The transformers auto mappings are the source of truth for which Auto class exists
 for a `model_type`; the family table adds what transformers cannot tell us (remote-code families, default
-targets, fused QKV names).
+names, fused QKV names).
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ class Family:
         name: short name shown to users (`llama`, `chatglm`).
         model_types: the `model_type` values in config.json that belong to this family.
         kind: decoder-only, encoder-decoder or encoder-only.
-        default_targets: LoRA target leaf names used when the config leaves `target_modules` out.
+        qv_targets: the query and value projections (or the one fused QKV layer): the `qv` preset, LoRA's
+            original choice. Left out, `target_modules` means every linear layer of the blocks instead
+            (`models/targets.py`).
         fused_qkv: leaf names of a single layer that computes query, key and value together.
         remote_code_modules: for families whose modelling code ships with the checkpoint (trust_remote_code),
             the linear leaf names of that code, so target_modules can be checked when the code cannot run.
@@ -35,7 +37,7 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     kind: ModelKind
-    default_targets: tuple[str, ...]
+    qv_targets: tuple[str, ...]
     fused_qkv: tuple[str, ...] = ()
     remote_code_modules: tuple[str, ...] = ()
     architectures: tuple[str, ...] = ()

@@ -20,6 +20,7 @@ import torch
 from loraforge.atomic import atomic_dir
 from loraforge.config import RunConfig, save_config
 from loraforge.errors import ConfigError, Problem
+from loraforge.methods.common import peft_target_modules
 from loraforge.train.checkpoint import TrainState, clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
 from loraforge.train.engine import (TrainingDiverged, TrainingInterrupted, accumulate, catch_stop_signals, diverged,
                                     due, seed_everything, stop_requested, stop_signal, update)
@@ -59,6 +60,7 @@ class _Run:
     save_model: Any  # train.sharding.ModelSaver: save_pretrained on rank 0 (gathered first under FSDP2)
     sharding: Any  # train.sharding.Sharding
     unwrapped_loss: Any  # the loss module without accelerate's wrapper (name-keyed FSDP2 optimizer state)
+    continued_from: Path | None = None  # a checkpoint trained on other data whose weights this run starts from
     last_loss: float | None = None
     t_first_step: float | None = None
     window: dict = field(default_factory=dict)  # loss and tokens since the last logged step
@@ -140,12 +142,22 @@ def _prepare(cfg: RunConfig, echo: Callable[[str], None]) -> _Run:
 
     # Model and data. Data is built first: a bad line is reported before any weights are loaded.
     setup = build_data(cfg, say)
+    plan = step_plan(cfg, setup, accelerator.num_processes)
+    continued_from = None
+    if resume_from is not None and not plan.same_data(_saved_plan(resume_from)):
+        # The checkpoint's run trained on other data: the user continues training it on new data (the article's
+        # incremental training), so its weights are the start and the optimizer and schedule are fresh.
+        continued_from, resume_from = resume_from, None
+        cfg = _continue_from(cfg, continued_from)
+        say(f"continuing from the weights of {continued_from}: it was trained on other data, so this is a new run "
+            "on this data with a fresh optimizer and schedule (recorded in run.json as continued_from)")
     model, loss_model, report = build_model(cfg, setup.model_dir, setup.tokenizer, say, setup.data)
+    if continued_from is not None and cfg.init_adapter is None:
+        _load_weights(model, continued_from)  # a full / freeze run: the checkpoint holds the model itself
     say(report.line())
     if resume_from is not None:
         _load_weights(model, resume_from)  # before sharding: every process loads the whole (consolidated) weights
 
-    plan = step_plan(cfg, setup, accelerator.num_processes)
     if sharding.fsdp and accelerator.num_processes > 1:
         say(sh.shard(loss_model, model, sharding, accelerator.device))
     optimizer = build_optimizer(model, cfg)  # after sharding: FSDP2 optimizer state is sharded with the params
@@ -164,7 +176,10 @@ def _prepare(cfg: RunConfig, echo: Callable[[str], None]) -> _Run:
         state.world_size, state.plan = accelerator.num_processes, plan.signature()
         say(f"resumed from {resume_from} at step {state.global_step}")
     if main:
-        save_config(cfg.model_copy(update={"precision": precision}), run_dir / "config.yaml")
+        # the layers really adapted (the default or a preset resolved), so the saved config says what trained
+        targets = peft_target_modules(model)
+        saved = {"precision": precision, **({"target_modules": targets} if targets else {})}
+        save_config(cfg.model_copy(update=saved), run_dir / "config.yaml")
         setup.tokenizer.save_pretrained(run_dir)
     say(f"{len(setup.data.train)} training examples, {plan.total_steps} optimizer steps "
         f"({plan.groups_per_epoch} per epoch, {precision}, batching={setup.batching}"
@@ -174,7 +189,8 @@ def _prepare(cfg: RunConfig, echo: Callable[[str], None]) -> _Run:
                        tensorboard="tensorboard" in cfg.report_to, append=resume_from is not None)
     return _Run(cfg, say, t_start, precision, accelerator, malloc_tuned, run_dir, setup,
                 model, loss_model, report, plan, optimizer, scheduler, state, logger,
-                sh.ModelSaver(accelerator, model, sharding), sharding, unwrapped_loss, window=_new_window())
+                sh.ModelSaver(accelerator, model, sharding), sharding, unwrapped_loss, continued_from=continued_from,
+                window=_new_window())
 
 
 @dataclass(frozen=True)
@@ -271,7 +287,8 @@ def _finish(run: _Run, stopped_early: bool) -> TrainResult:
             plot_loss(state.history, run.run_dir / "loss.png")
         write_run_json(cfg, run.run_dir, state, run.setup, run.report, precision=run.precision,
                        seconds=time.time() - run.t_start, first_step_s=run.t_first_step, final_loss=last_loss,
-                       stopped_early=stopped_early, cpu_malloc_tuned=run.malloc_tuned)
+                       stopped_early=stopped_early, cpu_malloc_tuned=run.malloc_tuned,
+                       continued_from=str(run.continued_from) if run.continued_from else None)
         run.say(f"done: {state.global_step} steps, final loss {last_loss:.4f}" if last_loss is not None else "done")
     run.accelerator.wait_for_everyone()
     return TrainResult(run.run_dir, state.global_step, last_loss, state.best_val_loss, stopped_early, is_main=run.main)
@@ -321,6 +338,23 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
                      f"(best {state.best_val_loss:.4f} at step {state.best_step})")
         return True
     return False
+
+
+def _saved_plan(ckpt: Path) -> dict:
+    import json
+
+    from loraforge.train.checkpoint import STATE_FILE
+
+    return json.loads((ckpt / STATE_FILE).read_text()).get("plan", {})
+
+
+def _continue_from(cfg: RunConfig, ckpt: Path) -> RunConfig:
+    """The config of a new run that starts from the checkpoint's weights: an adapter checkpoint is loaded as
+    `init_adapter` (its own target modules and rank), a full model's weights after the model is built."""
+    update = {"resume_from_checkpoint": None}
+    if (ckpt / "adapter_config.json").is_file():
+        update["init_adapter"] = ckpt
+    return cfg.model_copy(update=update)
 
 
 def _load_weights(model, ckpt: Path) -> None:

@@ -100,6 +100,7 @@ def prepare_run_dir(cfg: RunConfig, *, is_main: bool, artifacts: tuple[str, ...]
                 found = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
                 raise ConfigError([Problem("resume_from_checkpoint", f"not a complete {kind} checkpoint",
                                            value=str(ckpt), allowed=f"`latest` or one of: {found}")])
+        run_dir.mkdir(parents=True, exist_ok=True)  # the checkpoint may belong to another run's output_dir
         return run_dir, ckpt
     previous = [a for a in artifacts if (run_dir / a).exists()] + [p.name for p in list_checkpoints(run_dir)]
     if previous and not cfg.overwrite_output_dir:
@@ -222,11 +223,21 @@ class StepPlan:
     groups_per_epoch: int = 0
     eval_steps: int | None = None
 
+    data_sha: str = ""
+
     def signature(self) -> dict:
         """Everything that decides which examples make optimizer step k: a resumed run must agree on all of it."""
-        return {"train_examples": len(self.lengths), "seed": self.cfg.seed, "batching": self.batching,
+        return {"data": self.data_sha, "train_examples": len(self.lengths), "seed": self.cfg.seed,
+                "batching": self.batching,
                 "batch_size": self.cfg.batch_size,
                 "micro_batches_per_step": self.cfg.gradient_accumulation_steps * self.world_size}
+
+    def same_data(self, saved: dict) -> bool:
+        """Did the checkpoint's run train on these examples? (Checkpoints from before the data fingerprint:
+        judged by the example count.) Other data means continued training, not an interrupted run."""
+        if saved.get("data"):
+            return saved["data"] == self.data_sha
+        return saved.get("train_examples") == len(self.lengths)
 
     def check_resume(self, saved: dict, ckpt: Path) -> None:
         """Raises:
@@ -272,7 +283,8 @@ class StepPlan:
 
 
 def step_plan(cfg: RunConfig, setup: Setup, world_size: int) -> StepPlan:
-    plan = StepPlan(cfg, tuple(len(e.input_ids) for e in setup.data.train), setup.batching, world_size)
+    plan = StepPlan(cfg, tuple(len(e.input_ids) for e in setup.data.train), setup.batching, world_size,
+                    data_sha=_fingerprint(setup.data.train))
     plan.epochs = math.ceil(cfg.epochs)
     plan.groups_per_epoch = len(plan.full_epoch(0))
     if plan.groups_per_epoch == 0:
@@ -286,6 +298,17 @@ def step_plan(cfg: RunConfig, setup: Setup, world_size: int) -> StepPlan:
     if setup.val_groups:
         plan.eval_steps = cfg.eval_steps or cfg.save_steps or plan.total_steps
     return plan
+
+
+def _fingerprint(examples) -> str:
+    """A short hash of the tokenized training examples, in order: the same data gives the same value."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(torch.as_tensor(list(e.input_ids), dtype=torch.int64).numpy().tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
 
 
 def save_final(cfg: RunConfig, run_dir: Path, save_model: Callable[[Path], None], state: TrainState, setup: Setup) -> None:
