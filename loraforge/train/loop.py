@@ -21,6 +21,7 @@ import torch
 
 from loraforge.config import RunConfig, save_config
 from loraforge.errors import ConfigError, LoraforgeError, Problem
+from loraforge.objectives.base import step_metrics
 from loraforge.train.checkpoint import (TrainState, clean_partial, latest_checkpoint, list_checkpoints, load_checkpoint,
                                         save_checkpoint)
 from loraforge.train.logging import RunLogger, plot_loss
@@ -163,7 +164,8 @@ def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult
                               "loss": window["loss"] / max(window["tokens"], 1), "lr": lr,
                               "grad_norm": grad_norm,
                               "tokens": state.tokens_seen,
-                              "tokens_per_s": window["tokens"] / max(time.time() - window["t"], 1e-9)}
+                              "tokens_per_s": window["tokens"] / max(time.time() - window["t"], 1e-9),
+                              **step_metrics(loss_model, accelerator)}  # the objective's own (rewards, margins…)
                     logger.log(record)
                     state.history.append({"step": record["step"], "loss": record["loss"]})
                     window = {"loss": 0.0, "tokens": 0, "t": time.time()}
@@ -224,7 +226,8 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")
     val_loss = total.item() / max(tokens, 1)
-    record = {"step": state.global_step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    record = {"step": state.global_step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+              **step_metrics(loss_model, accelerator, "val")}
     if cfg.eval_generation_metric and accelerator.is_main_process:
         with accelerator.autocast():  # as in training: frozen LoRA base weights may be stored in bf16
             record.update(setup.score_generations(accelerator.unwrap_model(loss_model).model, cfg))
