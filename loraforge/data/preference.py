@@ -52,6 +52,7 @@ class PairExample:
     chosen: Encoded
     rejected: Encoded
     source: str = ""
+    ref_logps: tuple[float, float] | None = None  # `pref_reference: precomputed`: the reference's (chosen, rejected)
 
     @property
     def input_ids(self) -> list[int]:

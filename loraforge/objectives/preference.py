@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from loraforge.config import RunConfig
 
 BATCH_FIELDS = ("input_ids", "labels", "seq_ids")
-OPTIONAL_FIELDS = ("attention_mask", "position_ids", "desirable")
+OPTIONAL_FIELDS = ("attention_mask", "position_ids", "desirable", "ref_logps")
 
 
 @dataclass
@@ -106,7 +106,10 @@ def collate_sequences(rows: Sequence[Sequence[Encoded]], pad_token_id: int, pack
 def collate_pairs(examples: Sequence[Any], micro_batch: Sequence[Sequence[int]], pad_token_id: int, cfg: RunConfig):
     """Pairs of a micro-batch: row r holds the chosen and rejected sides of its pairs (sequences 2p, 2p+1)."""
     rows = [[side for i in row for side in examples[i].sides] for row in micro_batch]
-    return collate_sequences(rows, pad_token_id, packs_rows(cfg))
+    batch = collate_sequences(rows, pad_token_id, packs_rows(cfg))
+    if getattr(examples[micro_batch[0][0]], "ref_logps", None) is not None:  # `pref_reference: precomputed`
+        batch["ref_logps"] = torch.tensor([lp for row in micro_batch for i in row for lp in examples[i].ref_logps])
+    return batch
 
 
 def one_per_example(example: Any) -> int:
@@ -155,7 +158,7 @@ class PreferenceLoss(nn.Module):
         self.losses = losses
         self.needs_reference = needs_reference
         self.ref_model = None
-        if needs_reference and not uses_adapter_as_reference(cfg):
+        if needs_reference and cfg.pref_reference != "precomputed" and not uses_adapter_as_reference(cfg):
             self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         self._sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "val": defaultdict(float)}
 
@@ -166,11 +169,36 @@ class PreferenceLoss(nn.Module):
         return self
 
     def reference(self, batch: dict[str, torch.Tensor]) -> SeqLogps:
+        if "ref_logps" in batch:
+            return SeqLogps(batch["ref_logps"].float(), torch.zeros_like(batch["ref_logps"], dtype=torch.long))
+        if self.cfg.pref_reference == "precomputed" and self.needs_reference:
+            raise RuntimeError("pref_reference is `precomputed` but the batch has no reference log-probs: "
+                               "prepare_data was not called")
         with torch.no_grad():
             if self.ref_model is not None:
                 return sequence_logps(self.ref_model, batch)
             with self.model.disable_adapter():
                 return sequence_logps(self.model, batch)
+
+    def prepare_data(self, data: Any, collate: Callable, pad_token_id: int) -> None:
+        """`pref_reference: precomputed`: one pass over the train and validation examples with the model as it is
+        before the first step (the reference), storing each pair's reference log-probs on it (`ref_logps`), so no
+        reference model is kept or run during training. Called once by `train/model.py` after building."""
+        if not (self.needs_reference and self.cfg.pref_reference == "precomputed"):
+            return
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the reference pass
+        with torch.no_grad():
+            for examples in (data.train, data.val or []):
+                for start in range(0, len(examples), self.cfg.batch_size):
+                    idx = list(range(start, min(start + self.cfg.batch_size, len(examples))))
+                    batch = collate(examples, [[i] for i in idx], pad_token_id, self.cfg)
+                    batch.pop("ref_logps", None)
+                    sums = sequence_logps(self.model, batch).sums.tolist()
+                    per = len(sums) // len(idx)
+                    for k, i in enumerate(idx):
+                        examples[i].ref_logps = tuple(sums[k * per:(k + 1) * per])
+        self.model.train(was_training)
 
     def forward(self, **batch):
         policy = sequence_logps(self.model, batch)
