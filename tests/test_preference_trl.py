@@ -105,8 +105,9 @@ def trl_trainer(kind: str, model, tokenizer, tmp_path: Path, reference: str = "d
         rows = [{"prompt": "hi", "completion": " a", "label": True}, {"prompt": "ho", "completion": " b", "label": False}]
         trainer = trl.KTOTrainer(model=model, args=trl.KTOConfig(**common, **args),
                                  train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    assert "ref" in trainer.model.peft_config
-    if reference == "disabled":
+    if reference == "copy":
+        assert "ref" in trainer.model.peft_config
+    elif "ref" in trainer.model.peft_config:
         trainer.model.delete_adapter("ref")
         assert list(trainer.model.peft_config) == ["default"]
     return trainer
