@@ -183,7 +183,7 @@ def test_kto_equals_trl_kto_trainer(pack, reference, model_dir, tmp_path):
         assert_same(mine[0], mine[1], theirs.detach(), lora_grads(model))
         kl = trainer._metrics["train"]["kl"][-1]
         total_kl, count = loss.pop_metrics("train")["kl"]
-        assert (total_kl / count).item() == pytest.approx(kl, abs=1e-6)
+        assert (total_kl / count).item() == pytest.approx(kl, rel=1e-4, abs=1e-5)  # a detached metric: fp32 sums in another order
         kls.append(kl)
     assert max(kls) > 0
 
