@@ -66,11 +66,12 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     processes: int = 1
     sharding: str = "ddp"
+    reference_bytes: int = 0  # a preference stage's frozen reference copy (0: adapter disabled, or none needed)
 
     @property
     def peak_bytes(self) -> int:
         return (self.weights_bytes + self.trainable_state_bytes + self.activation_bytes + self.weight_cast_bytes
-                + self.loss_bytes + self.overhead_bytes + self.slack_bytes)
+                + self.loss_bytes + self.overhead_bytes + self.slack_bytes + self.reference_bytes)
 
     @property
     def trainable_percent(self) -> float:
@@ -153,7 +154,29 @@ def estimate_memory(cfg: RunConfig, *, baseline_bytes: int | None = None, device
         est.notes.append(f"DDP over {processes} processes: each holds the whole model; figures are per process")
     if cfg.attn_implementation == "eager":
         est.notes.append("eager attention keeps [heads × T × T] scores per layer: included in activations")
+    _reference_cost(cfg, est)
     return est
+
+
+def _reference_cost(cfg: RunConfig, est: Estimate) -> None:
+    """A preference stage's reference model: a frozen copy of the weights, or nothing (adapter disabled,
+    precomputed log-probs, orpo/simpo); its forward runs without grad, so it adds no kept activations."""
+    if cfg.stage == "sft":
+        return
+    from loraforge.objectives import objective_for
+    from loraforge.objectives.preference import uses_adapter_as_reference
+
+    needs = objective_for(cfg).name in ("dpo", "kto")
+    if not needs:
+        est.notes.append(f"stage {cfg.stage}: no reference model")
+    elif cfg.pref_reference == "precomputed":
+        est.notes.append(f"stage {cfg.stage}: reference log-probs precomputed in one pass before training (no copy)")
+    elif uses_adapter_as_reference(cfg):
+        est.notes.append(f"stage {cfg.stage}: the reference is the base with the adapter disabled (no copy)")
+    else:
+        est.reference_bytes = est.weights_bytes
+        est.notes.append(f"stage {cfg.stage}: a frozen reference copy of the model ({est.weights_bytes / MiB:,.0f} "
+                         "MiB) is included in the total")
 
 
 def model_shape(cfg: RunConfig, model_dir: Path, device: str) -> ModelShape:
@@ -218,6 +241,7 @@ def format_estimate(est: Estimate) -> str:
         f"  loss / logits        {mib(est.loss_bytes)}",
         f"  framework overhead   {mib(est.overhead_bytes)}",
         f"  allocator slack      {mib(est.slack_bytes)}",
+        *([f"  reference copy       {mib(est.reference_bytes)}"] if est.reference_bytes else []),
         f"  total                {mib(est.peak_bytes)}  ({est.peak_bytes / 2**30:.2f} GiB)",
     ]
     lines += [f"note: {n}" for n in est.notes]
@@ -348,7 +372,12 @@ def _data_stats(cfg: RunConfig, model_dir: Path) -> Any:
         from loraforge.data.dataset import build_datasets
         from loraforge.models.loader import load_tokenizer
 
-        return build_datasets(cfg, load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)).stats
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+        if cfg.stage != "sft":  # pairs: a pair's two sides are one example (one packed row)
+            from loraforge.data.preference import build_preference_data
+
+            return build_preference_data(cfg, tokenizer).stats
+        return build_datasets(cfg, tokenizer).stats
     except (LoraforgeError, ImportError, OSError):
         return None
 

@@ -77,6 +77,7 @@ def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print, *, show_d
     hf_config = _collect(problems, _model_checks, cfg, report)
     if hf_config is not None:
         problems += _collect(problems, _method_checks, cfg, hf_config) or []
+        problems += _stage_checks(cfg)
         _collect(problems, _batching_check, cfg, report)
     problems += _precision_problems(cfg)
     problems += _output_problems(cfg)
@@ -189,6 +190,29 @@ def _method_checks(cfg: RunConfig, hf_config: Any) -> list[Problem]:
     return list(method_for(cfg).check(cfg, hf_config))
 
 
+def _stage_checks(cfg: RunConfig) -> list[Problem]:
+    """A preference `stage` needs a causal LM and the per-token log-probs of the chunked LM head: methods that
+    inject virtual tokens (prefix, P-tuning, prompt tuning) change PEFT's forward, so they are refused."""
+    from loraforge.config.methods import METHOD_OPTIONS
+
+    if cfg.stage == "sft":
+        return []
+    if cfg.task_type is not TaskType.CAUSAL_LM:
+        return [Problem("stage", "preference stages train causal LMs only", value=cfg.stage,
+                        allowed=f"sft with task_type {cfg.task_type.value}", fix="set `task_type: CAUSAL_LM`")]
+    if cfg.pref_reference == "precomputed" and cfg.stage == "kto":
+        return [Problem("pref_reference", "KTO's reference point uses mismatched pairs formed per micro-batch, which "
+                        "cannot be precomputed per example", value="precomputed", allowed="auto, copy",
+                        fix="use `pref_reference: auto`")]
+    options = METHOD_OPTIONS.get(cfg.method)
+    if options is not None and options.packing_unsafe is not None:
+        return [Problem("method", f"`stage: {cfg.stage}` does not train methods with virtual tokens: PEFT's forward "
+                        "injects them, so neither the chunked LM head's per-sequence log-probs nor packing a pair's "
+                        "two sides into one row applies", value=cfg.method, allowed="lora, qlora, freeze, full",
+                        fix="use `method: lora` (or train this method with `stage: sft`)")]
+    return []
+
+
 def _batching_check(cfg: RunConfig, report: PreflightReport) -> None:
     """The trainer's own packing-safety rule (`data.batching.choose_batching`), so `validate` refuses what `train`
     would."""
@@ -250,7 +274,11 @@ def _data_checks(cfg: RunConfig, report: PreflightReport, *, model_ok: bool) -> 
     def check_rows(paths: list[Path]) -> None:
         # Chat/alpaca rows are checked line by line without a tokenizer; the other task types have their own row
         # shapes (text/label, tokens/tags…), whose lines `build_datasets` checks below — here only the parse.
-        if cfg.task_type is TaskType.CAUSAL_LM:
+        if cfg.stage != "sft":
+            from loraforge.data.preference import load_preference_rows
+
+            _collect(problems, load_preference_rows, paths, cfg)
+        elif cfg.task_type is TaskType.CAUSAL_LM:
             _collect(problems, load_conversations, paths, cfg.system_prompt)
         else:
             for path in paths:

@@ -63,10 +63,10 @@ def test_build_datasets_reads_causal_rows_only(tmp_path, smollm2_tokenizer):
 
 
 def test_every_text_task_type_has_an_objective():
-    from loraforge.objectives import OBJECTIVES, TASK_OBJECTIVES
+    from loraforge.objectives import OBJECTIVES, STAGE_OBJECTIVES, TASK_OBJECTIVES
 
     assert set(TASK_OBJECTIVES) == {t.value for t in TaskType if t is not TaskType.TEXT_TO_IMAGE}
-    assert set(TASK_OBJECTIVES.values()) == set(OBJECTIVES)
+    assert set(TASK_OBJECTIVES.values()) | set(STAGE_OBJECTIVES.values()) == set(OBJECTIVES)
 
 
 @pytest.mark.parametrize("task", list(ROWS))

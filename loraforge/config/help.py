@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from loraforge.config.image import ImageOptions
 from loraforge.config.schema import (KEY_ALIASES, DataSection, MethodSection, ModelSection, OutputSection,
-                                     TrainingSection)
+                                     PreferenceSection, TrainingSection)
 
 
 def format_config_help() -> str:
     lines: list[str] = []
     sections = [("model", ModelSection), ("method", MethodSection), ("data", DataSection),
-                ("training", TrainingSection), ("output", OutputSection), ("image (nested under `image:`)", ImageOptions)]
+                ("training", TrainingSection), ("preference tuning", PreferenceSection), ("output", OutputSection), ("image (nested under `image:`)", ImageOptions)]
     for title, section in sections:
         lines.append(f"\n# {title}")
         for name, f in section.model_fields.items():

@@ -242,7 +242,35 @@ class OutputSection(_Section):
     plot_loss: bool = Field(True, description="Write loss.png at the end.")
 
 
-class RunConfig(ModelSection, MethodSection, DataSection, TrainingSection, OutputSection):
+class PreferenceSection(_Section):
+    """Preference tuning after (or instead of) SFT: `stage` picks the objective (`loraforge/objectives/`)."""
+
+    stage: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
+        "sft", description="What the run minimizes on CAUSAL_LM data: `sft` (next-token cross-entropy on replies), or a "
+        "preference stage on pairwise rows {prompt/instruction, chosen, rejected} (`dpo`, `orpo`, `simpo`) or KTO's "
+        "unpaired rows {instruction, output, label: true|false} (`kto`).")
+    pref_beta: float = Field(
+        0.1, gt=0, description="dpo/simpo/kto: β, the inverse temperature on the log-ratio rewards (DPO paper: 0.1; "
+        "SimPO's paper uses 2.0–2.5 with its length-normalized reward).")
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="dpo: `sigmoid` (Rafailov et al. 2023), `ipo` (Azar et al. 2023, log-ratios averaged per "
+        "token as TRL does) or `hinge` (SLiC, Zhao et al. 2023).")
+    pref_label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo sigmoid: assumed fraction of flipped labels (conservative DPO: "
+        "(1-ε)·L(Δ) + ε·L(-Δ)); 0 = plain DPO.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin γ (SimPO, Meng et al. 2024).")
+    orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight λ of the odds-ratio term added to the chosen NLL "
+                               "(ORPO, Hong et al. 2024; TRL calls it `beta`).")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable (label true) examples' loss.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable (label false) examples' loss.")
+    pref_reference: Literal["auto", "copy", "precomputed"] = Field(
+        "auto", description="dpo/kto reference model: `auto` = the base with the adapter disabled for adapter methods "
+        "(no second copy), a frozen copy for `full`/`freeze` (`estimate` counts it); `copy` = always a frozen copy; "
+        "`precomputed` = one pass over the data before training stores the reference log-probs (no copy kept). "
+        "orpo and simpo need no reference.")
+
+
+class RunConfig(ModelSection, MethodSection, DataSection, TrainingSection, PreferenceSection, OutputSection):
     """Everything one `loraforge train` needs. Flat in YAML; see each section for the fields."""
 
     image: Union[ImageOptions, None] = Field(None, description="Options only used when task_type is text-to-image.")
@@ -274,4 +302,15 @@ KEY_ALIASES: dict[str, str] = {
     "max_length": "cutoff_len",
     "pre_seq_len": "num_virtual_tokens",
     "load_best_model_at_end": "keep_best_checkpoint",
+    # preference tuning: LLaMA-Factory, axolotl and TRL spellings
+    "rl_beta": "pref_beta",
+    "dpo_beta": "pref_beta",
+    "dpo_label_smoothing": "pref_label_smoothing",
+    "dpo_loss_type": "dpo_loss",
+    "orpo_alpha": "orpo_lambda",
+    "orpo_beta": "orpo_lambda",
+    "kto_chosen_weight": "kto_desirable_weight",
+    "kto_rejected_weight": "kto_undesirable_weight",
+    "desirable_weight": "kto_desirable_weight",
+    "undesirable_weight": "kto_undesirable_weight",
 }

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from loraforge.errors import DataError, Problem
-from loraforge.objectives import contrastive, model_loss, sft
+from loraforge.errors import ConfigError, DataError, Problem
+from loraforge.objectives import contrastive, dpo, kto, model_loss, orpo, sft, simpo
 from loraforge.objectives.base import Objective
 
 if TYPE_CHECKING:
@@ -21,7 +21,11 @@ if TYPE_CHECKING:
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (sft.OBJECTIVE, model_loss.SEQ2SEQ, model_loss.SEQ_CLS,
                                                          model_loss.TOKEN_CLS, model_loss.EXTRACTIVE_QA,
-                                                         contrastive.OBJECTIVE)}
+                                                         contrastive.OBJECTIVE, dpo.OBJECTIVE, orpo.OBJECTIVE,
+                                                         simpo.OBJECTIVE, kto.OBJECTIVE)}
+
+# `stage` → objective name: preference stages train a CAUSAL_LM run on pairs (or KTO's unpaired rows).
+STAGE_OBJECTIVES: dict[str, str] = {"dpo": "dpo", "orpo": "orpo", "simpo": "simpo", "kto": "kto"}
 
 # task_type → objective name. TEXT_TO_IMAGE has its own recipe (loraforge.image) and no entry here.
 TASK_OBJECTIVES: dict[str, str] = {
@@ -39,8 +43,16 @@ def objective_for(cfg: RunConfig) -> Objective:
 
     Raises:
         DataError: a task type without a text training objective (text-to-image has its own recipe).
+        ConfigError: a preference `stage` on a task type other than CAUSAL_LM.
     """
     task = getattr(cfg.task_type, "value", cfg.task_type)
+    stage = getattr(cfg, "stage", "sft")
+    if stage != "sft":
+        if task != "CAUSAL_LM":
+            raise ConfigError([Problem("stage", "preference stages train causal LMs only", value=stage,
+                                       allowed="sft with this task type", fix="set `task_type: CAUSAL_LM` or "
+                                       "`stage: sft`")])
+        return OBJECTIVES[STAGE_OBJECTIVES[stage]]
     name = TASK_OBJECTIVES.get(task)
     if name is None:
         fix = "text-to-image data is read by the image recipe (`loraforge.image`), not here" \
@@ -59,4 +71,4 @@ def build_data(cfg: RunConfig, tokenizer: Any):
     return objective_for(cfg).build_data(cfg, tokenizer)
 
 
-__all__ = ["OBJECTIVES", "Objective", "TASK_OBJECTIVES", "build_data", "objective_for"]
+__all__ = ["OBJECTIVES", "Objective", "STAGE_OBJECTIVES", "TASK_OBJECTIVES", "build_data", "objective_for"]

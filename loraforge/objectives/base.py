@@ -48,3 +48,23 @@ class Objective:
     targets: Callable[[Any], int]
     loss: Callable[[nn.Module, RunConfig], nn.Module]
     optional_fields: tuple[str, ...] = ()
+
+
+def step_metrics(loss_module: Any, accelerator: Any, split: str = "train") -> dict[str, float]:
+    """The objective's own metrics since the last call (means over examples, all processes), e.g. a preference
+    objective's rewards/margins/accuracies; {} for objectives without any. The loop calls it once per log
+    record (`split="train"`) and per evaluation (`"val"`, keys prefixed `val_`)."""
+    import torch
+
+    module = accelerator.unwrap_model(loss_module)
+    pop = getattr(module, "pop_metrics", None)
+    if pop is None:
+        return {}
+    out = {}
+    for name, (total, count) in sorted(pop(split).items()):
+        pair = torch.stack([total.float(), count.float()]).to(accelerator.device)
+        if accelerator.num_processes > 1:
+            pair = accelerator.reduce(pair, "sum")
+        if pair[1] > 0:
+            out[("val_" if split == "val" else "") + name] = (pair[0] / pair[1]).item()
+    return out

@@ -21,6 +21,7 @@ from loraforge.atomic import atomic_dir
 from loraforge.config import RunConfig, save_config
 from loraforge.errors import ConfigError, Problem
 from loraforge.methods.common import peft_target_modules
+from loraforge.objectives.base import step_metrics
 from loraforge.train.checkpoint import TrainState, clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
 from loraforge.train.engine import (TrainingDiverged, TrainingInterrupted, accumulate, catch_stop_signals, diverged,
                                     due, seed_everything, stop_requested, stop_signal, update)
@@ -267,7 +268,8 @@ def _record_step(run: _Run, step: _Step) -> None:
                   "loss": window["loss"] / max(window["tokens"], 1), "lr": step.lr,
                   "grad_norm": step.grad_norm,
                   "tokens": state.tokens_seen,
-                  "tokens_per_s": window["tokens"] / max(time.time() - window["t"], 1e-9)}
+                  "tokens_per_s": window["tokens"] / max(time.time() - window["t"], 1e-9),
+                  **step_metrics(run.loss_model, run.accelerator)}  # the objective's own (rewards, margins…)
         run.logger.log(record)
         state.history.append({"step": record["step"], "loss": record["loss"]})
         run.window = _new_window()
@@ -316,7 +318,8 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, "sum")
     val_loss = total.item() / max(tokens, 1)
-    record = {"step": state.global_step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    record = {"step": state.global_step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)),
+              **step_metrics(loss_model, accelerator, "val")}
     if cfg.eval_generation_metric and accelerator.is_main_process:
         with accelerator.autocast():  # as in training: frozen LoRA base weights may be stored in bf16
             record.update(setup.score_generations(accelerator.unwrap_model(loss_model).model, cfg))

@@ -147,3 +147,49 @@ def _split_head(model: nn.Module):
     if backbone is None or head is None or backbone is base:
         return None
     return backbone, head
+
+
+def chunked_token_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the labelled next tokens, without the `[tokens × vocab]` logits (preference losses).
+
+    Only labelled positions reach the head, a chunk at a time; under autograd each chunk is checkpointed, so its
+    logits are freed after forward and recomputed in backward (the SFT path above is untouched).
+
+    Returns:
+        (logps [N] fp32 in row-major order of the labelled positions, keep [B·(T-1)] bool: which shifted
+        positions they are).
+    """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    keep = target != IGNORE_INDEX
+    h, target = h[keep], target[keep]
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = []
+    for start in range(0, h.shape[0], chunk_tokens):
+        chunk = (head, h[start:start + chunk_tokens], target[start:start + chunk_tokens])
+        parts.append(checkpoint(_head_logp, *chunk, use_reentrant=False) if needs_grad else _head_logp(*chunk))
+    return (torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)), keep
+
+
+def _head_logp(head: nn.Module, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()
+    return logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(model: nn.Module, input_ids, labels, attention_mask=None, position_ids=None,
+                chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunked_token_logps` of a causal LM's batch: backbone + chunked head when the head splits off, else the
+    model's full logits (heads with soft-capping or logit scaling)."""
+    split = _split_head(model)
+    if split is not None:
+        backbone, head = split
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+        return chunked_token_logps(hidden, head, labels, chunk_tokens)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits[:, -labels.shape[1]:]
+    target = labels[:, 1:].reshape(-1)
+    keep = target != IGNORE_INDEX
+    lp = torch.log_softmax(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), dim=-1)[keep]
+    return lp.gather(1, target[keep][:, None]).squeeze(1), keep

@@ -38,7 +38,10 @@ def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str],
     if problems:
         raise ConfigError(problems, title="the built model does not train what the config asks for")
     say(report.table())
-    loss = objective_for(cfg).loss(model, cfg)
+    objective = objective_for(cfg)
+    loss = objective.loss(model, cfg)
+    if data is not None and hasattr(loss, "prepare_data"):  # e.g. precomputed reference log-probs
+        loss.prepare_data(data, objective.collate, tokenizer.pad_token_id)
     if cfg.torch_compile:
         compiled = compile_in_place(loss)
         say(f"torch.compile: {type(compiled).__name__} (compiled on its first steps; each new shape recompiles)")

@@ -329,6 +329,8 @@ def write_run_json(cfg: RunConfig, run_dir: Path, state: TrainState, setup: Setu
         **_conversion(setup.model_dir),
         "method": cfg.method,
         "task_type": cfg.task_type.value,
+        "stage": cfg.stage,
+        "objective": setup.objective.name,
         "trainable_params": report.trainable,
         "total_params": report.total,
         "trainable_percent": round(report.percent, 4),
