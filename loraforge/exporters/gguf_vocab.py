@@ -125,7 +125,7 @@ def _pre_tokenizer(spec: dict, family: str, source_gguf: Path | None) -> str:
     if '"Digits"' in text and '"individual_digits": true' in text:
         return "smollm"
     if '"ByteLevel"' in text and '"Split"' not in text:
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's spelling (the vocabulary *model* is `gpt2`, the pre-tokenizer `gpt-2`)
     warnings.warn("unrecognised byte-level pre-tokenizer: llama.cpp will use its default regex, which may split "
                   "some text (digits, punctuation) differently from transformers", stacklevel=3)
     return "default"
