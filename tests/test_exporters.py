@@ -302,3 +302,16 @@ def test_template_without_message_blocks_is_refused(smollm2_tokenizer):
 def test_registry_lists_every_target():
     assert list(EXPORTERS) == ["hf", "gguf", "ollama", "gguf-lora", "vllm"]
     assert all(e.help and callable(e.run) for e in EXPORTERS.values())
+
+
+def test_cli_unknown_target_exits_2_before_torch(tmp_path):
+    import os
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "loraforge", "export", str(tmp_path), "--to",
+                          "olama", "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--to: unknown export target" in res.stderr and "did you mean `ollama`?" in res.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported
