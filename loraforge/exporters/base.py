@@ -47,6 +47,8 @@ class ExportResult:
     def format(self) -> str:
         return "\n".join(self.lines)
 
+    __str__ = format
+
 
 @dataclass(frozen=True)
 class Exporter:
