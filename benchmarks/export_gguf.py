@@ -46,7 +46,7 @@ def one(quant: str, out: Path) -> dict:
     model = InferenceModel.load(base, {"cardio": str(run)})
     tok = model.tokenizer
     end = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-    llm = llama_cpp.Llama(str(path), n_ctx=512, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(str(path), n_ctx=512, verbose=False, n_threads=2, logits_all=True)
     same = 0
     for prompt in PROMPTS:
         messages = [{"role": "user", "content": prompt}]

@@ -60,7 +60,9 @@ def exports(tmp_path_factory, run_dir, smollm2_dir):
 
 
 def _greedy(llama_cpp, path: Path, prompt_ids: list[int], tokenizer, lora: Path | None = None) -> str:
-    llm = llama_cpp.Llama(str(path), n_ctx=512, verbose=False, n_threads=2, lora_path=str(lora) if lora else None)
+    # logits_all: llama-cpp-python fills `scores` only then (0.3.36)
+    llm = llama_cpp.Llama(str(path), n_ctx=512, verbose=False, n_threads=2, logits_all=True,
+                          lora_path=str(lora) if lora else None)
     try:
         end = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         llm.eval(prompt_ids)
