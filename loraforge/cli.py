@@ -197,6 +197,22 @@ def export_original_cmd(run_dir: Path = typer.Argument(..., help="A LoRA run on 
     typer.echo(str(export_adapter(resolve_adapter_path(run_dir, key="run_dir"), converted_base_of_run(run_dir), out)))
 
 
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="A run dir (LoRA/QLoRA adapter, or a full/freeze model)."),
+           to: str = typer.Option(..., "--to", help="hf | gguf | ollama | gguf-lora | vllm"),
+           out: Path = typer.Option(..., "--out", help="Output folder (written atomically)."),
+           quant: str = typer.Option("f16", help="GGUF type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 (k-quants: llama-quantize)."),
+           base: Optional[str] = typer.Option(None, help="Base model (default: the run's config.yaml)."),
+           base_gguf: Optional[str] = typer.Option(None, help="gguf-lora: the base's GGUF path/name to record."),
+           name: Optional[str] = typer.Option(None, help="Model name in the files (default: the run folder's)."),
+           overwrite: bool = typer.Option(False, help="Replace a non-empty --out.")):
+    """Export a run to where it is deployed: merged HF dir, GGUF (llama.cpp), Ollama, GGUF LoRA, vLLM."""
+    from loraforge.exporters import export as run_export
+
+    result = run_export(run_dir, to, out, quant=quant, base=base, base_gguf=base_gguf, name=name, overwrite=overwrite)
+    typer.echo(result.format())
+
+
 @app.command("eval")
 def eval_cmd(data: Path = typer.Option(..., help="Test data (.jsonl/.json; instruction/output or messages)."),
              base: str = typer.Option("smollm2", help="Base model."),

@@ -17,3 +17,6 @@ fi
 # DeepSpeed (ZeRO-2/3 configs, CUDA only at run time) ships only as a source package whose build imports torch:
 # build it against the torch installed above, or pip's isolated build would download a CUDA torch.
 .venv/bin/python -m pip install --quiet --no-build-isolation -c scripts/constraints.txt deepspeed
+# llama.cpp (llama-cpp-python), the real consumer of `export --to gguf|ollama|gguf-lora` in the tests: compiled
+# once (~8 min on 2 cores) and cached under $LORAFORGE_CACHE/wheels; later runs install the cached wheel.
+bash scripts/llama_cpp.sh

@@ -154,6 +154,13 @@ def resolve_template(tokenizer: Any, template: str) -> str:
     return template
 
 
+def render_text(tokenizer: Any, messages: Sequence[Message], template: str = "auto",
+                add_generation_prompt: bool = False) -> str:
+    """The conversation as the text training and inference tokenize (the segments joined); exporters compare
+    other engines' templates (Ollama's Modelfile, a GGUF's chat template) with it."""
+    return "".join(s.text for s in _segments(tokenizer, messages, template, add_generation_prompt))
+
+
 def tokenization_matches(tokenizer: Any, messages: Sequence[Message], template: str = "auto") -> bool:
     """Whether tokenizing the segments one by one gives the same ids as tokenizing the whole rendered text.
 
