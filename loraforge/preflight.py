@@ -66,7 +66,7 @@ def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print) -> Prefli
         # A Stable Diffusion run: its own recipe checks data, pipeline layout and UNet targets (no weights).
         from loraforge.image.preflight import check_image_run
 
-        problems = check_image_run(cfg)
+        problems = check_image_run(cfg) + _output_safety(cfg)
         if problems:
             raise PreflightError(problems)
         report.model_type, report.kind = "stable-diffusion", "text-to-image"
@@ -183,13 +183,27 @@ def _precision_problems(cfg: RunConfig) -> list[Problem]:
                     allowed="auto, fp32, bf16", fix="use `precision: bf16` (or auto) on CPU")]
 
 
+def _output_safety(cfg: RunConfig) -> list[Problem]:
+    """output_dir is not (inside) the base or another model folder, can be written, and no live run holds it."""
+    from loraforge.train.lock import holder, holder_problem
+    from loraforge.train.rundir import base_model_dirs, output_dir_problems
+
+    unsafe = output_dir_problems(cfg.output_dir, base_model_dirs(cfg.base_model))
+    who = None if unsafe else holder(cfg.output_dir)
+    return unsafe + ([holder_problem(cfg.output_dir, who)] if who is not None else [])
+
+
 def _output_problems(cfg: RunConfig) -> list[Problem]:
-    """The run-dir rules of the trainer (`train/setup.py:prepare_run_dir`), checked read-only: resuming needs
-    a checkpoint, and a finished run is not overwritten by accident."""
+    """The run-dir rules of the trainer (`train/setup.py:prepare_run_dir`, `train/lock.py`), checked read-only:
+    never into a model folder, one run at a time, resuming needs a checkpoint, and a finished run is not
+    overwritten by accident."""
     from loraforge.train.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
     from loraforge.train.rundir import RUN_ARTIFACTS
 
     run_dir = Path(cfg.output_dir)
+    unsafe = _output_safety(cfg)
+    if unsafe:
+        return unsafe
     found = [p.name for p in list_checkpoints(run_dir)] if run_dir.is_dir() else []
     if cfg.resume_from_checkpoint == "latest":
         if not run_dir.is_dir() or latest_checkpoint(run_dir) is None:

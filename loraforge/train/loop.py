@@ -23,6 +23,7 @@ from loraforge.config import RunConfig, save_config
 from loraforge.errors import ConfigError, LoraforgeError, Problem
 from loraforge.train.checkpoint import (TrainState, clean_partial, latest_checkpoint, list_checkpoints, load_checkpoint,
                                         save_checkpoint)
+from loraforge.train.lock import holds_output_dir
 from loraforge.train.logging import RunLogger, plot_loss
 
 
@@ -48,6 +49,7 @@ class TrainResult:
     is_main: bool = True  # False on the other ranks of `accelerate launch`: callers print only where it is True
 
 
+@holds_output_dir  # not a model folder, and one run per output_dir
 def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune as `cfg` says and write the run dir (see docs/ARCHITECTURE.md for its contract)."""
     from loraforge.train.setup import (build_accelerator, build_data, build_model, prepare_run_dir,
