@@ -112,6 +112,9 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path, *, base: str | Path 
         raise ModelError([Problem("base", "the run does not record its base model", value=str(run_dir),
                                   fix="pass the base explicitly: loraforge merge RUN_DIR --out DIR --base MODEL")])
     base_path = resolve_model_path(base_name)
+    from loraforge.models.fit import check_adapter_fits
+
+    check_adapter_fits(adapter_dir, base_path, key="run_dir")
     if record is not None and record.quantizes_base:
         warnings.warn(f"QLoRA run: merging into an unquantized {dtype} copy of {base_path}, not into 4-bit weights "
                       "(that would round the LoRA update away)", stacklevel=2)
