@@ -145,11 +145,12 @@ def generate(prompt: str = typer.Option(..., help="The user message."),
 def merge(run_dir: Path = typer.Argument(..., help="A LoRA run dir (or adapter dir)."),
           out: Path = typer.Option(..., "--out", help="Where to write the standalone model."),
           base: Optional[str] = typer.Option(None, help="Base model (default: the run's config.yaml)."),
-          dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16")):
+          dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it holds an earlier merge.")):
     """Merge a LoRA adapter into its base and verify the merged logits."""
     from loraforge.export import merge_adapter
 
-    report = merge_adapter(run_dir, out, base=base, dtype=dtype)
+    report = merge_adapter(run_dir, out, base=base, dtype=dtype, overwrite=overwrite)
     typer.echo(str(report))
 
 
@@ -254,6 +255,12 @@ def main() -> None:
             sys.exit(EXIT_USER_ERROR)
         if type(e).__name__ == "Exit" and hasattr(e, "exit_code"):  # --help and friends
             sys.exit(e.exit_code)
+        from loraforge.train.space import is_disk_full
+
+        if is_disk_full(e):  # outside a checkpoint save (which says more itself): a final model, a merge, a cache
+            typer.echo(f"no space left on the disk being written: {e}\nfree disk space or write to a larger disk",
+                       err=True)
+            sys.exit(1)
         raise
 
 

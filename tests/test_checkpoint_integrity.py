@@ -120,3 +120,20 @@ def test_validate_finds_a_truncated_base_weights_file(tiny_llama, rows_file, tmp
     _truncate(base / "model.safetensors", 0.7)
     with pytest.raises(PreflightError, match="model.safetensors is damaged: .*truncated"):
         run_preflight(make_cfg(base, rows_file, tmp_path / "out"), echo=lambda _m: None)
+
+
+def test_merge_never_writes_over_the_base_the_run_or_another_model(two_ckpts, tiny_llama, tmp_path):
+    from loraforge.errors import LoraforgeError
+    from loraforge.export import merge_adapter
+
+    for out in (tiny_llama, tiny_llama / "merged", two_ckpts / "merged"):
+        with pytest.raises(LoraforgeError, match="which the merge reads"):
+            merge_adapter(two_ckpts, out, base=str(tiny_llama), verify=False, overwrite=True)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama, other)
+    with pytest.raises(LoraforgeError, match="merge ... --overwrite"):
+        merge_adapter(two_ckpts, other, base=str(tiny_llama), verify=False)
+    with pytest.raises(LoraforgeError, match="did not write"):
+        merge_adapter(two_ckpts, other, base=str(tiny_llama), verify=False, overwrite=True)
+    merged = merge_adapter(two_ckpts, tmp_path / "m", base=str(tiny_llama), verify=False)
+    merge_adapter(two_ckpts, merged.out_dir, base=str(tiny_llama), verify=False, overwrite=True)  # an earlier merge
