@@ -165,7 +165,9 @@ def _lora_problems(adapter_dir: Path, base_dir: Path, config: dict, tensors: dic
 
 def _prompt_learning_problems(adapter_dir: Path, base_dir: Path, config: dict, key: str) -> list[Problem]:
     arch = _arch(base_dir)
-    checks = [("num_layers", "num_hidden_layers"), ("token_dim", "hidden_size")]
+    checks = [("num_layers", "num_hidden_layers")]
+    if config.get("peft_type") in ("PROMPT_TUNING", "P_TUNING"):  # prefix tuning's token_dim is the key/value width
+        checks.append(("token_dim", "hidden_size"))
     for mine, theirs in checks:
         if config.get(mine) and theirs in arch and config[mine] != arch[theirs]:
             return [Problem(key, f"the adapter {adapter_dir} was made for a model with {theirs} {config[mine]}, the "
