@@ -166,7 +166,8 @@ def merge(run_dir: Path = typer.Argument(..., help="A LoRA run dir (or adapter d
           base: Optional[str] = typer.Option(None, help="Base model (default: the run's config.yaml)."),
           dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
           layout: str = typer.Option("native", help="native | original: a base converted from ChatGLM2/3, "
-                                     "Baichuan2 or Qwen-1 can be written back in its original weight names")):
+                                     "Baichuan2 or Qwen-1 can be written back in its original weight names"),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it holds an earlier merge.")):
     """Merge a LoRA adapter into its base and verify the merged logits."""
     import tempfile
 
@@ -176,7 +177,7 @@ def merge(run_dir: Path = typer.Argument(..., help="A LoRA run dir (or adapter d
     if layout not in ("native", "original"):
         raise LoraforgeError([Problem("layout", "unknown layout", value=layout, allowed="native, original")])
     if layout == "native":
-        typer.echo(str(merge_adapter(run_dir, out, base=base, dtype=dtype)))
+        typer.echo(str(merge_adapter(run_dir, out, base=base, dtype=dtype, overwrite=overwrite)))
         return
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.native.original import converted_base_of_run, to_original_checkpoint
@@ -326,6 +327,12 @@ def main() -> None:
             sys.exit(EXIT_USER_ERROR)
         if type(e).__name__ == "Exit" and hasattr(e, "exit_code"):  # --help and friends
             sys.exit(e.exit_code)
+        from loraforge.train.space import is_disk_full
+
+        if is_disk_full(e):  # outside a checkpoint save (which says more itself): a final model, a merge, a cache
+            typer.echo(f"no space left on the disk being written: {e}\nfree disk space or write to a larger disk",
+                       err=True)
+            sys.exit(1)
         raise
 
 

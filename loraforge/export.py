@@ -111,12 +111,13 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path, *, base: str | Path 
         raise ModelError([Problem("base", "the run does not record its base model", value=str(run_dir),
                                   fix="pass the base explicitly: loraforge merge RUN_DIR --out DIR --base MODEL")])
     base_path = resolve_model_path(base_name)
+    from loraforge.models.fit import check_adapter_fits
+
+    check_adapter_fits(adapter_dir, base_path, key="run_dir")
     if record is not None and record.quantizes_base:
         warnings.warn(f"QLoRA run: merging into an unquantized {dtype} copy of {base_path}, not into 4-bit weights "
                       "(that would round the LoRA update away)", stacklevel=2)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise LoraforgeError([Problem("out", "output folder exists and is not empty", value=str(out_dir),
-                                      fix="choose a new folder or pass --overwrite")])
+    _check_out_dir(out_dir, [base_path, run_dir, adapter_dir], overwrite)
 
     # Tokenizer: the run's copy carries the chat template used in training.
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_path
@@ -151,6 +152,32 @@ def merge_adapter(run_dir: str | Path, out_dir: str | Path, *, base: str | Path 
         report.seconds = round(time.perf_counter() - start, 2)
         (tmp / "loraforge_merge.json").write_text(json.dumps(asdict(report), indent=1), encoding="utf-8")
     return report
+
+
+def _check_out_dir(out_dir: Path, sources: list[Path], overwrite: bool) -> None:
+    """Never into the base or the run being merged; a non-empty folder only with overwrite, and then only one a
+    previous merge wrote (another model's folder is never replaced).
+
+    Raises:
+        LoraforgeError: naming the folder and the fix.
+    """
+    from loraforge.train.rundir import is_inside, is_model_folder, writable_dir_problem
+
+    for src in sources:
+        if is_inside(out_dir, src) or is_inside(src, out_dir):
+            raise LoraforgeError([Problem("out", f"overlaps {src}, which the merge reads: it would be overwritten",
+                                          value=str(out_dir), fix="choose a new folder outside the base and the run")])
+    if (problem := writable_dir_problem(out_dir, "out")) is not None:
+        raise LoraforgeError([problem])
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise LoraforgeError([Problem("out", "output folder exists and is not empty", value=str(out_dir),
+                                          fix="choose a new folder, or replace it: loraforge merge ... --overwrite")])
+        if is_model_folder(out_dir) and not (out_dir / "loraforge_merge.json").is_file() or \
+                (out_dir / "run.json").is_file():
+            raise LoraforgeError([Problem("out", "is a model or run folder that `loraforge merge` did not write: "
+                                                 "--overwrite only replaces an earlier merge", value=str(out_dir),
+                                          fix="choose a new folder")])
 
 
 def _sample_batch(tokenizer: Any, render: Any, template: str) -> dict[str, Any]:

@@ -68,7 +68,7 @@ def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print, *, show_d
         # A Stable Diffusion run: its own recipe checks data, pipeline layout and UNet targets (no weights).
         from loraforge.image.preflight import check_image_run
 
-        problems = check_image_run(cfg)
+        problems = check_image_run(cfg) + _output_safety(cfg)
         if problems:
             raise PreflightError(problems)
         report.model_type, report.kind = "stable-diffusion", "text-to-image"
@@ -118,6 +118,7 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
     or raises with every model-side problem."""
     from loraforge.models.discovery import (check_target_modules, is_remote_placeholder, load_hf_config,
                                            remote_code_problem, try_meta_model)
+    from loraforge.models.fit import adapter_fit_problems, weights_problems
     from loraforge.models.gguf import resolve_model_path
     from loraforge.models.registry import check_task_type, model_kind
     from loraforge.models.targets import attention_only_advice, resolve_target_modules
@@ -143,6 +144,9 @@ def _model_checks(cfg: RunConfig, report: PreflightReport) -> Any:
                                 value=str(cfg.init_adapter), allowed="a folder written by `loraforge train`",
                                 fix="point init_adapter at a finished run's output_dir"))
     problems += _converted_checks(cfg, hf_config, model_dir, report)
+    if cfg.init_adapter is not None and (Path(cfg.init_adapter) / "adapter_config.json").is_file():
+        problems += adapter_fit_problems(Path(cfg.init_adapter), model_dir, key="init_adapter")
+    problems += weights_problems(model_dir)  # a truncated weights file, from its header (no weights read)
     if not _has_weights(model_dir):
         report.notes.append(f"{model_dir} has no weight files yet: validation needs none, training will")
     if problems:
@@ -235,26 +239,54 @@ def _precision_problems(cfg: RunConfig) -> list[Problem]:
                     allowed="auto, fp32, bf16", fix="use `precision: bf16` (or auto) on CPU")]
 
 
+def _output_safety(cfg: RunConfig) -> list[Problem]:
+    """output_dir is not (inside) the base or another model folder, can be written, and no live run holds it."""
+    from loraforge.train.lock import holder, holder_problem
+    from loraforge.train.rundir import base_model_dirs, output_dir_problems
+
+    unsafe = output_dir_problems(cfg.output_dir, base_model_dirs(cfg.base_model))
+    who = None if unsafe else holder(cfg.output_dir)
+    return unsafe + ([holder_problem(cfg.output_dir, who)] if who is not None else [])
+
+
+def _resume_fit(ckpt: Path, cfg: RunConfig) -> list[Problem]:
+    """The checkpoint belongs to this run's base model (same architecture; adapter shapes and coverage)."""
+    from loraforge.models.fit import checkpoint_fit_problems
+    from loraforge.models.gguf import resolve_model_path
+
+    problems: list[Problem] = []
+    model_dir = _collect(problems, resolve_model_path, cfg.base_model)
+    return checkpoint_fit_problems(ckpt, model_dir) if model_dir is not None else []
+
+
 def _output_problems(cfg: RunConfig) -> list[Problem]:
-    """The run-dir rules of the trainer (`train/setup.py:prepare_run_dir`), checked read-only: resuming needs
-    a checkpoint, and a finished run is not overwritten by accident."""
-    from loraforge.train.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
+    """The run-dir rules of the trainer (`train/setup.py:prepare_run_dir`, `train/lock.py`), checked read-only:
+    never into a model folder, one run at a time, resuming needs a checkpoint, and a finished run is not
+    overwritten by accident."""
+    from loraforge.train.checkpoint import STATE_FILE, list_checkpoints
+    from loraforge.train.manifest import require_intact, resumable_checkpoint
     from loraforge.train.rundir import RUN_ARTIFACTS
 
     run_dir = Path(cfg.output_dir)
+    unsafe = _output_safety(cfg)
+    if unsafe:
+        return unsafe
     found = [p.name for p in list_checkpoints(run_dir)] if run_dir.is_dir() else []
     if cfg.resume_from_checkpoint == "latest":
-        if not run_dir.is_dir() or latest_checkpoint(run_dir) is None:
+        ckpt = resumable_checkpoint(run_dir, warn=lambda _m: None) if run_dir.is_dir() else None
+        if ckpt is None:
             return [Problem("resume_from_checkpoint", f"no complete checkpoint in {run_dir}", value="latest",
                             allowed="`latest` when output_dir holds a checkpoint-N folder",
                             fix="remove resume_from_checkpoint to start a new run (or fix output_dir)")]
-        return []
+        return _resume_fit(ckpt, cfg)
     if cfg.resume_from_checkpoint:
         if not (Path(cfg.resume_from_checkpoint) / STATE_FILE).is_file():
             return [Problem("resume_from_checkpoint", "not a complete loraforge checkpoint",
                             value=cfg.resume_from_checkpoint, allowed=f"`latest` or one of: {', '.join(found) or 'none'}",
                             fix="point at a checkpoint-N folder of a previous run")]
-        return []
+        problems: list[Problem] = []
+        _collect(problems, require_intact, Path(cfg.resume_from_checkpoint))
+        return problems or _resume_fit(Path(cfg.resume_from_checkpoint), cfg)
     previous = [a for a in RUN_ARTIFACTS if (run_dir / a).exists()] + found if run_dir.is_dir() else []
     if previous and not cfg.overwrite_output_dir:
         return [Problem("output_dir", f"already holds a training run ({', '.join(previous[:3])})", value=str(run_dir),

@@ -13,7 +13,7 @@ from test_train_helpers import (adapter, assert_losses_close, make_cfg, max_weig
 
 STEPS = 8
 CKPT_FILES = {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt",
-              "rng_py.json", "trainer_state.json", "README.md"}
+              "rng_py.json", "trainer_state.json", "README.md", "manifest.json"}
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,11 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
                                    fix="check the path (relative paths start from the current directory)")])
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError([Problem(f"{path}:{line}", f"not UTF-8 text ({e.reason} at byte {e.start})",
+                                   allowed="a UTF-8 encoded YAML file",
+                                   fix="save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 in.yaml > out.yaml`)")]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -76,7 +76,8 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    # allow_inf_nan=False: `epochs: .inf` or `learning_rate: .nan` are typos, not settings (they overflowed deep inside)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -214,7 +215,7 @@ class TrainingSection(_Section):
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
     adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    seed: int = Field(42, description="Seeds Python, NumPy and torch; the same seed gives the same run.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seeds Python, NumPy and torch; the same seed gives the same run.")
     precision: Precision = Field("auto", description="auto = bf16 autocast where the CPU/GPU supports it, else fp32 (fp16 on old GPUs).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     torch_compile: bool = Field(False, description="torch.compile the model (pays off on GPU for long runs).")

@@ -89,6 +89,47 @@ def _read_rows(path: Path, problems: list[Problem]) -> list[Row]:
     return _read_jsonl(path, text, problems)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """`object_pairs_hook`: json keeps the last of two equal keys silently; a data row must not have them."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)
+
+
+def _lone_surrogate(obj: Any, at: str = "") -> str | None:
+    """The key path of a string holding a lone UTF-16 surrogate (`"\\ud800"`: valid JSON, not valid text)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return at or "the row"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        found = _lone_surrogate(v, f"{at}.{k}" if at else str(k))
+        if found:
+            return found
+    return None
+
+
+def _row_problem(where: str, obj: Any) -> Problem | None:
+    bad = _lone_surrogate(obj)
+    if bad is not None:
+        return Problem(where, f"`{bad}` holds a lone surrogate escape (like \\ud800): not valid Unicode text",
+                       fix="remove it or replace it with the character meant (a surrogate pair, or the real character)")
+    return None
+
+
 def _read_jsonl(path: Path, text: str, problems: list[Problem]) -> list[Row]:
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -96,9 +137,16 @@ def _read_jsonl(path: Path, text: str, problems: list[Problem]) -> list[Row]:
             continue  # blank lines (often a trailing newline) are not rows
         where = f"{path}:{lineno}"
         try:
-            obj = json.loads(line)
+            obj = _DECODER.decode(line)
         except json.JSONDecodeError as e:
             problems.append(Problem(where, f"invalid JSON: {e.msg} at column {e.colno}", value=_clip(line)))
+            continue
+        except _DuplicateKey as e:
+            problems.append(Problem(where, f"key `{e}` appears twice in one object (JSON would keep only the last)",
+                                    value=_clip(line), fix=f"keep one `{e}`"))
+            continue
+        if (bad := _row_problem(where, obj)) is not None:
+            problems.append(bad)
             continue
         if not isinstance(obj, dict):
             problems.append(Problem(where, "row is not a JSON object", value=_clip(line),
@@ -110,7 +158,7 @@ def _read_jsonl(path: Path, text: str, problems: list[Problem]) -> list[Row]:
 
 def _read_json_array(path: Path, text: str, problems: list[Problem]) -> list[Row]:
     """Parse `[obj, obj, ...]` element by element so each row knows the line it starts on."""
-    decoder = json.JSONDecoder()
+    decoder = _DECODER
     rows: list[Row] = []
     pos, line, counted_to = 0, 1, 0
 
@@ -145,7 +193,13 @@ def _read_json_array(path: Path, text: str, problems: list[Problem]) -> list[Row
             problems.append(Problem(f"{path}:{e.lineno}", f"invalid JSON: {e.msg} at column {e.colno} "
                                     f"(array element [{index}]); rows after it were not read"))
             return rows
-        if isinstance(obj, dict):
+        except _DuplicateKey as e:
+            problems.append(Problem(where, f"key `{e}` appears twice in array element [{index}] (JSON would keep only "
+                                    "the last); rows after it were not read", fix=f"keep one `{e}`"))
+            return rows
+        if isinstance(obj, dict) and (bad := _row_problem(where, obj)) is not None:
+            problems.append(bad)
+        elif isinstance(obj, dict):
             rows.append(Row(where, obj))
         else:
             problems.append(Problem(where, f"array element [{index}] is not a JSON object", value=_clip(json.dumps(obj)),
@@ -293,6 +347,10 @@ def _alpaca_messages(data: dict, where: str) -> tuple[list[Message], list[Proble
     for key in ("instruction", "output"):
         if key not in data:
             problems.append(Problem(where, f"missing `{key}`", allowed='{"instruction", "input"?, "output"}'))
+    for key in ("instruction", "output"):
+        if key in data and data[key] is None:
+            problems.append(Problem(where, f"`{key}` is null", allowed="a string",
+                                    fix=f"write the {key} text, or drop the row (exported datasets often hold nulls)"))
     for key in ("instruction", "input", "output", "system"):
         if key in data and data[key] is not None and not isinstance(data[key], str):
             problems.append(Problem(where, f"`{key}` must be a string", value=_clip(json.dumps(data[key]))))

@@ -31,6 +31,7 @@ from loraforge.image.lora import (WEIGHTS_NAME, add_lora, load_lora_into_adapter
                                   trainable_modules)
 from loraforge.image.pipeline import is_sdxl, load_pipeline
 from loraforge.image.preflight import options_problems
+from loraforge.train.lock import holds_output_dir
 
 KOHYA_NAME = "lora_kohya.safetensors"
 RUN_FILES = (WEIGHTS_NAME, KOHYA_NAME, "config.yaml", "run.json", "metrics.jsonl", "loss.png", "tensorboard",
@@ -79,6 +80,7 @@ class _Run:
     device: torch.device
 
 
+@holds_output_dir  # not a model folder, and one run per output_dir
 def train_image_lora(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> Path:
     """Train a Stable Diffusion LoRA as `cfg` says; returns the run dir.
 

@@ -43,7 +43,26 @@ def resolve_adapter_path(path: str | Path, roots: Sequence[str | Path] | None = 
                                   allowed="adapter_model.safetensors",
                                   fix="convert it once in a trusted environment: load it with PEFT and call "
                                       "save_pretrained(dir, safe_serialization=True)")])
+    if roots:
+        _files_inside_roots(resolved, roots, key)
     return resolved
+
+
+def _files_inside_roots(folder: Path, roots: Sequence[str | Path], key: str) -> None:
+    """Every file of the adapter folder (what PEFT and the tokenizer read) must resolve inside a root too: a
+    symlinked `adapter_model.safetensors` pointing elsewhere would otherwise be read through the allowed folder.
+
+    Raises:
+        ModelError: naming the file and where it really points.
+    """
+    real_roots = [Path(r).expanduser().resolve() for r in roots]
+    for entry in sorted(folder.rglob("*")):
+        real = entry.resolve()
+        if not any(real == r or r in real.parents for r in real_roots):
+            raise ModelError([Problem(key, f"{entry.relative_to(folder)} is a link to a file outside the allowed "
+                                           "adapter roots", value=str(real),
+                                      allowed=", ".join(str(r) for r in real_roots),
+                                      fix="copy the file into the adapter folder instead of linking it")])
 
 
 def _inside_roots(path: str | Path, roots: Sequence[str | Path], key: str) -> Path:

@@ -78,7 +78,10 @@ class AdapterPool:
         """
         from peft import PeftConfig
 
+        from loraforge.models.fit import check_adapter_fits
+
         resolved = resolve_adapter_path(path, self.roots, key=f"adapter `{name}`")
+        check_adapter_fits(resolved, self.base_path, key=f"adapter `{name}`")  # recorded base, shapes, coverage
         version = self._versions.get(name, 0) + 1
         internal = f"{name}@{version}"
         try:

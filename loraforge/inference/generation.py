@@ -17,6 +17,8 @@ def generation_config(settings: GenerationSettings, end_ids: list[int], pad_id: 
 
     kw: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, eos_token_id=end_ids,
                               pad_token_id=pad_id, use_cache=True)  # prefix tuning needs the cache (FINDINGS 6)
+    if settings.max_time:
+        kw["max_time"] = settings.max_time
     if settings.greedy:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:

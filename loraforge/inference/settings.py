@@ -24,6 +24,7 @@ class GenerationSettings:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    max_time: float | None = None  # seconds of generation at most (the server's per-request bound)
 
     def validate(self) -> None:
         """Raises:

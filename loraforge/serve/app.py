@@ -73,4 +73,5 @@ def run_server(config: ServerConfig, model: InferenceModel | None = None) -> Non
         log.warning("serving on %s without an api_key: anyone who can reach this port can use and change the models",
                     config.host)
     app = create_app(config, model)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info",
+                timeout_graceful_shutdown=config.shutdown_timeout_s)

@@ -56,6 +56,10 @@ class ServerConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Base model dtype.")
     trust_remote_code: bool = Field(False, description="Run the model's own Python code.")
     route_seed: Union[int, None] = Field(None, description="Seed for A/B choices (reproducible routing in tests).")
+    request_timeout_s: float = Field(120.0, gt=0, description="Most seconds one request may generate; the answer "
+                                     "then ends with finish_reason `length`, so no request holds the model for long.")
+    shutdown_timeout_s: float = Field(5.0, ge=0, description="On SIGTERM/Ctrl-C: how long running requests may finish "
+                                      "before the server exits anyway.")
 
     @field_validator("adapters")
     @classmethod

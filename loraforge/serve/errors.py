@@ -59,9 +59,33 @@ async def _user_error(request: Request, err: LoraforgeError) -> JSONResponse:
     return error_response(400, err.format(), code="invalid_value")
 
 
-async def _internal(request: Request, err: Exception) -> JSONResponse:
-    log.exception("internal error on %s %s", request.method, request.url.path)
-    return error_response(500, "internal server error (details are in the server log)", "server_error")
+class _InternalErrors:
+    """ASGI middleware: an unexpected exception becomes a 500 JSON answer and goes no further.
+
+    Starlette's own handler for `Exception` answers and then re-raises, which makes the server drop the kept-alive
+    connection; a client's other requests on it would fail although nothing is wrong with them."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:  # noqa: BLE001 — the point of this middleware
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # a stream already under way: nothing to answer with, the server closes it
+                raise
+            response = error_response(500, "internal server error (details are in the server log)", "server_error")
+            await response(scope, receive, send)
 
 
 def install_error_handlers(app: Any) -> None:
@@ -70,4 +94,4 @@ def install_error_handlers(app: Any) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     app.add_exception_handler(LoraforgeError, _user_error)
-    app.add_exception_handler(Exception, _internal)
+    app.add_middleware(_InternalErrors)

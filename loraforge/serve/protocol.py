@@ -17,10 +17,24 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def _valid_text(v: str) -> str:
+    """A JSON string may carry a lone surrogate escape (`\\ud800`), which is no text: refuse it by name."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text holds a lone surrogate escape (like \\ud800), which is not valid Unicode") from None
+    return v
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return _valid_text(v)
 
 
 class ChatMessage(BaseModel):
@@ -28,6 +42,11 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart]]
     name: Union[str, None] = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        return _valid_text(v) if isinstance(v, str) else v
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -43,7 +62,7 @@ class _Sampling(_Request):
     temperature: Union[float, None] = Field(None, ge=0, le=2)
     top_p: Union[float, None] = Field(None, gt=0, le=1)
     stop: Union[str, list[str], None] = None
-    seed: Union[int, None] = None
+    seed: Union[int, None] = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: Union[StreamOptions, None] = None
     n: int = Field(1, ge=1, le=1, description="Only one choice per prompt is supported.")
@@ -95,7 +114,7 @@ class CompletionRequest(_Sampling):
         prompts = [v] if isinstance(v, str) else v
         if not prompts or len(prompts) > 32:
             raise ValueError("prompt must be a string or a list of 1 to 32 strings")
-        return prompts
+        return [_valid_text(p) for p in prompts]
 
     @model_validator(mode="after")
     def _no_stream_batch(self) -> "CompletionRequest":

@@ -66,7 +66,24 @@ class ServerState:
         temperature = self.config.default_temperature if req.temperature is None else req.temperature
         return GenerationSettings(max_new_tokens=limit, temperature=temperature,
                                   top_p=1.0 if req.top_p is None else req.top_p, stop=list(req.stop or []),
-                                  seed=req.seed)
+                                  seed=req.seed, max_time=self.config.request_timeout_s)
+
+    def check_prompt_length(self, prompts: list, adapter: str, max_new_tokens: int) -> None:
+        """Raises:
+            ApiError: 400 when a prompt and max_tokens do not fit the model's context (both numbers named)."""
+        context = _context_length(self.model.model)
+        if context is None:
+            return
+        for prompt in prompts:
+            text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
+            # No tokenizer makes fewer than one token per 32 characters: a huge prompt is refused unread.
+            n = len(text) // 32 if len(text) // 32 > context else len(self.model.prompt_ids(prompt, adapter))
+            if n + max_new_tokens > context:
+                allowed = context - max_new_tokens
+                raise ApiError(400, f"the prompt is {'at least ' if len(text) // 32 > context else ''}{n} tokens but "
+                               f"this model's context is {context} tokens and max_tokens is {max_new_tokens}: the prompt "
+                               f"may be at most {max(allowed, 0)} tokens", param="messages" if not isinstance(prompt, str)
+                               else "prompt", code="context_length_exceeded")
 
     def admit(self) -> "Slot":
         """One of `max_concurrency` request slots.
@@ -122,3 +139,12 @@ async def require_key(request: Request, state: State) -> None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise ApiError(401, "Invalid or missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key")
+
+
+def _context_length(model) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from loraforge.atomic import atomic_dir
+from loraforge.train.manifest import write_manifest
+from loraforge.train.space import guard_disk_space
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -65,6 +67,7 @@ def clean_partial(run_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+@guard_disk_space  # checks free space first; a full disk is a clear error, not basic_ios::clear
 def save_checkpoint(run_dir: Path, state: TrainState, save_model: Callable[[Path], None],
                     optimizer: torch.optim.Optimizer, scheduler, *, keep: int | None = None,
                     protect: Path | None = None, optimizer_state: dict | None = None) -> Path:
@@ -83,6 +86,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, save_model: Callable[[Path
         rng = {"python": _jsonable(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
         (tmp / "rng_py.json").write_text(json.dumps(rng))
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        write_manifest(tmp)  # last: checksums of every file, so "complete" means verified (train/manifest.py)
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
             if protect is None or old.resolve() != protect.resolve():

@@ -25,6 +25,7 @@ from loraforge.objectives.base import step_metrics
 from loraforge.train.checkpoint import TrainState, clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
 from loraforge.train.engine import (TrainingDiverged, TrainingInterrupted, accumulate, catch_stop_signals, diverged,
                                     due, seed_everything, stop_requested, stop_signal, update)
+from loraforge.train.lock import holds_output_dir
 from loraforge.train.logging import RunLogger, plot_loss
 
 
@@ -87,6 +88,7 @@ class _Run:
         return path
 
 
+@holds_output_dir  # not a model folder, and one run per output_dir
 def train(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> TrainResult:
     """Fine-tune as `cfg` says and write the run dir (see docs/ARCHITECTURE.md for its contract)."""
     run = _prepare(cfg, echo)

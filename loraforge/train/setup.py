@@ -19,9 +19,10 @@ from loraforge.config import RunConfig
 from loraforge.data.batching import choose_batching
 from loraforge.errors import ConfigError, Problem
 from loraforge.train.attention import attention_for
-from loraforge.train.checkpoint import STATE_FILE, TrainState, clean_partial, latest_checkpoint, list_checkpoints
+from loraforge.train.checkpoint import STATE_FILE, TrainState, clean_partial, list_checkpoints
 from loraforge.train.model import build_model
 from loraforge.train.precision import resolve_precision
+from loraforge.train.manifest import require_intact, resumable_checkpoint
 from loraforge.train.rundir import RUN_ARTIFACTS
 from loraforge.train.runinfo import run_header
 from loraforge.train.runinfo import write_run_json as write_info
@@ -85,12 +86,15 @@ def prepare_run_dir(cfg: RunConfig, *, is_main: bool, artifacts: tuple[str, ...]
     Raises:
         ConfigError: resuming without a checkpoint, or starting over a previous run without overwrite.
     """
+    from loraforge.models.fit import checkpoint_fit_problems
+    from loraforge.models.gguf import resolve_model_path
+
     run_dir = Path(cfg.output_dir)
     if is_main:
         clean_partial(run_dir)
     if cfg.resume_from_checkpoint:
         if cfg.resume_from_checkpoint == "latest":
-            ckpt = latest_checkpoint(run_dir)
+            ckpt = resumable_checkpoint(run_dir, None if is_main else (lambda _m: None))  # every rank: the same one
             if ckpt is None:
                 raise ConfigError([Problem("resume_from_checkpoint", f"no complete checkpoint in {run_dir}",
                                            value="latest", fix="remove resume_from_checkpoint to start a new run")])
@@ -100,6 +104,10 @@ def prepare_run_dir(cfg: RunConfig, *, is_main: bool, artifacts: tuple[str, ...]
                 found = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
                 raise ConfigError([Problem("resume_from_checkpoint", f"not a complete {kind} checkpoint",
                                            value=str(ckpt), allowed=f"`latest` or one of: {found}")])
+            require_intact(ckpt)
+        fit = checkpoint_fit_problems(ckpt, resolve_model_path(cfg.base_model))
+        if fit:
+            raise ConfigError(fit, title="cannot resume from this checkpoint")
         run_dir.mkdir(parents=True, exist_ok=True)  # the checkpoint may belong to another run's output_dir
         return run_dir, ckpt
     previous = [a for a in artifacts if (run_dir / a).exists()] + [p.name for p in list_checkpoints(run_dir)]

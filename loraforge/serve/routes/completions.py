@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from loraforge.inference import TextStream
 from loraforge.serve import protocol as P
@@ -25,6 +26,7 @@ async def chat_completions(req: P.ChatCompletionRequest, state: State) -> Any:
     adapter = state.pick_adapter(req.model)
     settings = state.settings(req, req.token_limit())
     messages = req.chat_messages()
+    await run_in_threadpool(state.check_prompt_length, [messages], adapter, settings.max_new_tokens)
     headers = {ADAPTER_HEADER: adapter}
     rid = P.new_id("chatcmpl")
     if req.stream:
@@ -56,6 +58,7 @@ async def completions(req: P.CompletionRequest, state: State) -> Any:
     adapter = state.pick_adapter(req.model)
     settings = state.settings(req, req.max_tokens)
     prompts: list[str] = list(req.prompt)
+    await run_in_threadpool(state.check_prompt_length, prompts, adapter, settings.max_new_tokens)
     headers = {ADAPTER_HEADER: adapter}
     rid = P.new_id("cmpl")
     if req.stream:
