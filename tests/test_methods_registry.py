@@ -67,7 +67,7 @@ def test_preflight_and_estimate_import_no_torch_at_module_import():
 
 
 # A comparison of a method name with a literal: `method == "lora"`, `cfg.method in ("full", …)`.
-_NAME_BRANCH = re.compile(r"""\bmethod\b["')\]]*\s*(==|!=|\bin\b|\bnot in\b)\s*[\(\[]?\s*["']""")
+_NAME_BRANCH = re.compile(r"""(?<!request\.)\bmethod\b["')\]]*\s*(==|!=|\bin\b|\bnot in\b)\s*[\(\[]?\s*["']""")
 
 
 def test_no_method_name_branches_outside_the_method_modules():

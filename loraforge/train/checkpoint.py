@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +24,7 @@ from loraforge.atomic import atomic_dir
 from loraforge.train.manifest import write_manifest
 from loraforge.train.space import guard_disk_space
 
-STATE_FILE = "trainer_state.json"
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
+from loraforge.train.checkpoint_files import _CKPT, STATE_FILE, list_checkpoints  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -43,14 +41,6 @@ class TrainState:
     world_size: int = 1
     history: list[dict] = field(default_factory=list)  # logged metrics, so a resumed run's plot is whole
     plan: dict = field(default_factory=dict)  # what fixes the data order (StepPlan.signature); must match on resume
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -79,7 +79,7 @@ def newest_intact(checkpoints: list[Path], warn: Callable[[str], None] | None = 
 
 def resumable_checkpoint(run_dir: Path, warn: Callable[[str], None] | None = None) -> Path | None:
     """What `resume_from_checkpoint: latest` resumes: the newest complete checkpoint that verifies."""
-    from loraforge.train.checkpoint import list_checkpoints
+    from loraforge.train.checkpoint_files import list_checkpoints
 
     return newest_intact(list_checkpoints(Path(run_dir)), warn)
 

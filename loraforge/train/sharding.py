@@ -82,8 +82,11 @@ def sharding_for(cfg) -> Sharding:
 
 def fsdp_problems(cfg) -> list[Problem]:
     """What FSDP2 refuses, with the reason (also run by preflight)."""
+    from loraforge.methods import METHODS
+
     problems = []
-    if cfg.method == "qlora":
+    record = METHODS.get(cfg.method)
+    if record is not None and record.quantizes_base:  # QLoRA
         problems.append(Problem(
             "method", "QLoRA's 4-bit base weights cannot be sharded by FSDP2 here", value="qlora",
             allowed=", ".join(FSDP_METHODS),

@@ -29,7 +29,7 @@ def folder_bytes(folder: Path) -> int:
 def needed_bytes(run_dir: Path, optimizer) -> int:
     """What the next checkpoint will take: the size of the previous one, else the trainable weights plus the
     optimizer's state (Adam: two moments per weight), each with 10% to spare."""
-    from loraforge.train.checkpoint import list_checkpoints
+    from loraforge.train.checkpoint_files import list_checkpoints
 
     previous = list_checkpoints(run_dir)
     if previous:
@@ -43,7 +43,7 @@ def free_bytes(folder: Path) -> int:
 
 
 def _problem(run_dir: Path, needed: int, free: int, what: str) -> Problem:
-    from loraforge.train.checkpoint import list_checkpoints
+    from loraforge.train.checkpoint_files import list_checkpoints
 
     kept = list_checkpoints(run_dir)
     return Problem("output_dir", f"{what}: no space left on {run_dir} (needed ≈ {needed / MB:.1f} MB, "

@@ -20,7 +20,8 @@ from loraforge.config import schema
 from loraforge.config.methods import METHOD_OPTIONS, key_owners
 
 SECTIONS = (("model", schema.ModelSection), ("method", schema.MethodSection), ("data", schema.DataSection),
-            ("training", schema.TrainingSection), ("output", schema.OutputSection))
+            ("training", schema.TrainingSection), ("preference", schema.PreferenceSection),
+            ("output", schema.OutputSection))
 # The keys the page shows first in each section (the rest sit under "more").
 PRIMARY = {"base_model", "task_type", "method", "lora_rank", "lora_alpha", "target_modules", "num_virtual_tokens",
            "freeze_trainable_layers", "metadata_path", "val_file", "template", "cutoff_len", "batch_size",
