@@ -188,26 +188,27 @@ def merge(run_dir: Path = typer.Argument(..., help="A LoRA run dir (or adapter d
         typer.echo(f"original layout: {to_original_checkpoint(Path(tmp) / 'native', converted, out)}")
 
 
-@app.command("export-original")
+@app.command("export-original", hidden=True, deprecated=True)
 def export_original_cmd(run_dir: Path = typer.Argument(..., help="A LoRA run on a converted ChatGLM/Baichuan/Qwen-1."),
                         out: Path = typer.Option(..., "--out", help="Where to write the original-layout adapter.")):
-    """Write the run's adapter for the original remote-code model (fused query_key_value / W_pack / c_attn)."""
-    from loraforge.inference import resolve_adapter_path
-    from loraforge.models.native.original import converted_base_of_run, export_adapter
+    """Deprecated alias of `loraforge export RUN_DIR --to original --out DIR`."""
+    from loraforge.exporters import export as run_export
 
-    typer.echo(str(export_adapter(resolve_adapter_path(run_dir, key="run_dir"), converted_base_of_run(run_dir), out)))
+    typer.echo("note: `export-original` is deprecated; use `loraforge export RUN_DIR --to original --out DIR`", err=True)
+    typer.echo(run_export(run_dir, "original", out).format())
 
 
 @app.command()
 def export(run_dir: Path = typer.Argument(..., help="A run dir (LoRA/QLoRA adapter, or a full/freeze model)."),
-           to: str = typer.Option(..., "--to", help="hf | gguf | ollama | gguf-lora | vllm"),
+           to: str = typer.Option(..., "--to", help="hf | gguf | ollama | gguf-lora | vllm | original"),
            out: Path = typer.Option(..., "--out", help="Output folder (written atomically)."),
            quant: str = typer.Option("f16", help="GGUF type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 (k-quants: llama-quantize)."),
            base: Optional[str] = typer.Option(None, help="Base model (default: the run's config.yaml)."),
            base_gguf: Optional[str] = typer.Option(None, help="gguf-lora: the base's GGUF path/name to record."),
            name: Optional[str] = typer.Option(None, help="Model name in the files (default: the run folder's)."),
            overwrite: bool = typer.Option(False, help="Replace a non-empty --out.")):
-    """Export a run to where it is deployed: merged HF dir, GGUF (llama.cpp), Ollama, GGUF LoRA, vLLM."""
+    """Export a run to where it is deployed: merged HF dir, GGUF (llama.cpp), Ollama, GGUF LoRA, vLLM, or the
+    original ChatGLM2/3 / Baichuan2 / Qwen-1 layout of a converted base."""
     from loraforge.exporters import export as run_export
 
     result = run_export(run_dir, to, out, quant=quant, base=base, base_gguf=base_gguf, name=name, overwrite=overwrite)

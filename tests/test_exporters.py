@@ -300,7 +300,7 @@ def test_template_without_message_blocks_is_refused(smollm2_tokenizer):
 
 
 def test_registry_lists_every_target():
-    assert list(EXPORTERS) == ["hf", "gguf", "ollama", "gguf-lora", "vllm"]
+    assert list(EXPORTERS) == ["hf", "gguf", "ollama", "gguf-lora", "vllm", "original"]
     assert all(e.help and callable(e.run) for e in EXPORTERS.values())
 
 

@@ -181,7 +181,9 @@ def test_lora_on_original_names_trains_and_exports_back_exactly(name, tmp_path, 
     from peft import PeftConfig, PeftModel
     from safetensors.torch import load_file
 
-    from loraforge.models.native.original import converted_base_of_run, export_adapter
+    from loraforge.errors import LoraforgeError
+    from loraforge.exporters import export
+    from loraforge.models.native.original import converted_base_of_run
     from loraforge.train.loop import train
 
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
@@ -198,10 +200,24 @@ def test_lora_on_original_names_trains_and_exports_back_exactly(name, tmp_path, 
     assert max(float(v.abs().max()) for k, v in native.items() if "lora_B" in k) > 0  # it trained
 
     converted = converted_base_of_run(result.run_dir)
-    report = export_adapter(result.run_dir, converted, tmp_path / "orig")
-    assert report.max_delta_diff < 1e-6, str(report)
+    if name == "chatglm3_a":  # the command line, as users type it
+        from typer.testing import CliRunner
+
+        from loraforge.cli import app
+
+        run = CliRunner().invoke(app, ["export", str(result.run_dir), "--to", "original", "--out", str(tmp_path / "orig")])
+        assert run.exit_code == 0, run.output
+        assert "query_key_value (rank 12)" in run.output and "PeftModel.from_pretrained" in run.output
+    else:
+        export(result.run_dir, "original", tmp_path / "orig")
+    record = json.loads((tmp_path / "orig" / "loraforge_export.json").read_text())
+    assert record["layout"] == "original" and record["max_delta_diff"] < 1e-6, record
     fused_leaf = original_names[0]
-    assert report.fused[fused_leaf] == 12  # q, k, v LoRAs of rank 4 → one of rank 12
+    # q, k, v LoRAs of rank 4 → one of rank 12
+    assert json.loads((tmp_path / "orig" / "adapter_config.json").read_text())["rank_pattern"] == {
+        f"{orig}": 12 for orig in _fused_modules(src(name), fused_leaf)}
+    with pytest.raises(LoraforgeError, match="not empty"):  # an export never overwrites silently
+        export(result.run_dir, "original", tmp_path / "orig")
 
     # PEFT loads it on a module tree with the original names and shapes: its update is the native one stacked.
     skeleton = _skeleton(src(name), original_names)
@@ -214,6 +230,13 @@ def test_lora_on_original_names_trains_and_exports_back_exactly(name, tmp_path, 
     for key, weight in merged.state_dict().items():
         delta = weight - base[key]
         assert torch.allclose(delta, native_model[key], atol=1e-6), key
+
+
+def _fused_modules(checkpoint: Path, leaf: str) -> list[str]:
+    """Module paths of the original checkpoint whose leaf name is `leaf`."""
+    from loraforge.models.native.shards import iter_tensors
+
+    return sorted({n.rsplit(".", 1)[0] for n, _ in iter_tensors(checkpoint) if n.rsplit(".", 1)[0].endswith("." + leaf)})
 
 
 def _skeleton(checkpoint: Path, leaves: list[str]):

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraforge.errors import LoraforgeError, Problem, suggestion
-from loraforge.exporters import gguf, gguf_lora, hf, ollama, vllm
+from loraforge.exporters import gguf, gguf_lora, hf, ollama, original, vllm
 from loraforge.exporters.base import Exporter, ExportRequest, ExportResult
 
 EXPORTERS: dict[str, Exporter] = {e.name: e for e in (
-    hf.EXPORTER, gguf.EXPORTER, ollama.EXPORTER, gguf_lora.EXPORTER, vllm.EXPORTER)}
+    hf.EXPORTER, gguf.EXPORTER, ollama.EXPORTER, gguf_lora.EXPORTER, vllm.EXPORTER, original.EXPORTER)}
 
 
 def export(run_dir: str | Path, to: str, out: str | Path, **options) -> ExportResult:

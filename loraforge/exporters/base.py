@@ -59,17 +59,23 @@ class Exporter:
     run: Callable[[ExportRequest], ExportResult]
 
 
-def output_dir(request: ExportRequest) -> Any:
-    """`atomic_dir(request.out)`, after refusing a non-empty folder unless `--overwrite`.
+def check_output(request: ExportRequest) -> None:
+    """Refuse a non-empty `out` unless `--overwrite`.
 
     Raises:
         LoraforgeError: `out` exists, is not empty and `overwrite` is off.
     """
-    from loraforge.atomic import atomic_dir
     from loraforge.errors import LoraforgeError, Problem
 
     out = Path(request.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not request.overwrite:
         raise LoraforgeError([Problem("--out", "output folder exists and is not empty", value=str(out),
                                       fix="choose a new folder or pass --overwrite")])
-    return atomic_dir(out)
+
+
+def output_dir(request: ExportRequest) -> Any:
+    """`atomic_dir(request.out)`, after `check_output(request)`."""
+    from loraforge.atomic import atomic_dir
+
+    check_output(request)
+    return atomic_dir(Path(request.out))
