@@ -70,6 +70,9 @@ function methodFields() {
   }
 }
 
+// launch options: not config keys (no `name`), sent next to the values
+function processes() { return $("#f-processes").value; }
+
 let checkSeq = 0, quickProblems = [], fullProblems = [], fullPending = true;
 
 function showProblems() {
@@ -100,7 +103,7 @@ async function onChange() {
   const values = formValues();
   fullPending = true;
   let quick;
-  try { quick = await api("check", {values, path: $("#config-path").value}); } catch (e) { return; }
+  try { quick = await api("check", {values, path: $("#config-path").value, processes: processes()}); } catch (e) { return; }
   if (seq !== checkSeq) return;
   quickProblems = quick.problems; fullProblems = [];
   $("#yaml").textContent = quick.yaml;
@@ -111,7 +114,7 @@ async function onChange() {
 }
 
 const fullCheck = debounce(async (seq, values) => {
-  const [full] = await Promise.all([api("preflight", {values}).catch(e => ({problems: [{key: "error", where: "error", message: e.message, value: null}]})),
+  const [full] = await Promise.all([api("preflight", {values, processes: processes()}).catch(e => ({problems: [{key: "error", where: "error", message: e.message, value: null}]})),
                                     tokenView(seq, values)]);
   if (seq !== checkSeq) return;
   fullPending = false;
@@ -125,9 +128,11 @@ function mib(b) { return (b / 2 ** 20).toLocaleString(undefined, {maximumFractio
 function showEstimate(est, stats) {
   const box = $("#estimate"); box.innerHTML = "";
   if (est && !est.error) {
+    const per = est.processes > 1 ? ` per process × ${est.processes} (${est.sharding})` : "";
     box.append(h("div", {}, h("b", {}, est.trainable_params.toLocaleString()), " trainable of ",
                  est.total_params.toLocaleString(), ` params (${est.trainable_percent}%)`),
-               h("div", {}, "estimated peak memory ", h("b", {}, mib(est.peak_bytes)), ` · ${est.precision} on ${est.device}`));
+               h("div", {}, "estimated peak memory ", h("b", {}, mib(est.peak_bytes)), per, ` · ${est.precision} on ${est.device}`),
+               ...(est.notes || []).map(n => h("div", {class: "sub"}, n)));
   } else if (est && est.error) box.append(h("div", {class: "sub"}, est.error));
   const sbox = $("#stats"); sbox.innerHTML = "";
   if (stats) {
@@ -216,7 +221,7 @@ $("#config-pick").addEventListener("change", async e => {
 $("#start").addEventListener("click", async () => {
   $("#start").disabled = true;
   try {
-    const r = await api("train", {values: formValues(), path: $("#config-path").value});
+    const r = await api("train", {values: formValues(), path: $("#config-path").value, processes: processes()});
     $("#start-msg").textContent = `started ${r.cli}`;
     localStorage.setItem("loraforge.run", r.dir);
     selectedRun = r.dir;
@@ -246,7 +251,7 @@ async function refreshRuns() {
     const step = r.step === undefined || r.step === null ? "" : r.total_steps ? `${r.step}/${r.total_steps}` : r.step;
     body.append(h("tr", {class: r.dir === selectedRun ? "selected" : "", "data-run": r.dir, onclick: e => {
       if (e.target.tagName === "INPUT") return; selectedRun = r.dir; localStorage.setItem("loraforge.run", r.dir); refreshRuns(); }},
-      h("td", {}, box), h("td", {}, h("code", {}, r.dir)), h("td", {}, h("span", {class: "badge " + r.status}, r.status)),
+      h("td", {}, box), h("td", {}, h("code", {}, r.dir), r.processes > 1 ? h("span", {class: "sub"}, ` × ${r.processes} processes`) : ""), h("td", {}, h("span", {class: "badge " + r.status}, r.status)),
       h("td", {}, step), h("td", {}, r.status === "running" ? (r.eta || "") : ""),
       h("td", {}, r.tokens_per_s ? Math.round(r.tokens_per_s) : ""), h("td", {}, r.loss ? r.loss.toFixed(4) : ""),
       h("td", {}, r.checkpoints ? `${r.checkpoints} ckpt` : "")));
@@ -263,7 +268,8 @@ async function refreshDetail(run) {
   $("#run-title").replaceChildren(h("code", {}, info.dir), " ", h("span", {class: "badge " + info.status}, info.status),
     info.step !== undefined ? ` step ${info.step}${info.total_steps ? "/" + info.total_steps : ""}` : "",
     info.status === "running" && info.eta ? ` · ETA ${info.eta}` : "",
-    info.tokens_per_s ? ` · ${Math.round(info.tokens_per_s)} tokens/s` : "");
+    info.tokens_per_s ? ` · ${Math.round(info.tokens_per_s)} tokens/s` : "",
+    info.processes > 1 ? ` · ${info.processes} processes` : "");
   $("#run-stop").disabled = info.status !== "running";
   $("#run-resume").disabled = info.status === "running" || !info.checkpoints || info.status === "finished";
   const log = $("#run-log"); const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
