@@ -156,12 +156,18 @@ PAGE = """<!doctype html>
   <div class="card"><h2>Export</h2>
    <label>run <select id="export-run"></select></label>
    <label>target <select id="export-to"></select></label>
+   <div id="export-help" class="sub"></div>
+   <label id="export-quant-box">GGUF type <select id="export-quant"></select></label>
    <label>output folder <input id="export-out" type="text" placeholder="exports/RUN-merge"></label>
    <button id="export-start" class="primary">Export</button>
   </div>
  </div>
- <div class="card"><h2 id="job-title">jobs</h2><pre id="job-report" class="report"></pre><pre id="job-log" class="log"></pre>
-  <ul id="jobs-list" class="jobs"></ul></div>
+ <div class="card" id="job-card"><h2 id="job-title">jobs</h2>
+  <div id="job-progress" class="progress"><div class="bar"></div><span class="label"></span></div>
+  <div id="job-eval"></div><ul id="job-files" class="files"></ul>
+  <details id="job-report-box"><summary>Markdown report (eval_report.md)</summary><pre id="job-report" class="report"></pre></details>
+  <pre id="job-log" class="log"></pre>
+  <h3>recent jobs</h3><ul id="jobs-list" class="jobs"></ul></div>
 </section>
 </main>
 <script src="/static/chart.js"></script>

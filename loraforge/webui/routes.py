@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraforge.errors import LoraforgeError, Problem
-from loraforge.webui import checks
+from loraforge.webui import checks, jobview
 from loraforge.webui.form import cli_command, form_fields, form_to_raw, raw_to_form
 from loraforge.webui.launch import parse_processes
 from loraforge.webui.runs import JobError, read_metrics
@@ -309,9 +309,28 @@ def _exporters() -> list[str]:
     return sorted(getattr(ex, "EXPORTERS", {}) or {})
 
 
+QUANT_TARGETS = ("gguf", "ollama")  # the targets that write a model GGUF (`export --quant`)
+
+
+def _quants() -> tuple[str, ...]:
+    """The GGUF types `export --quant` writes itself (f16 first: the default)."""
+    from loraforge.exporters.gguf_model import QUANTS
+
+    return ("f16", *(q for q in QUANTS if q != "f16"))
+
+
 @router.get("/exports")
 def exports() -> Any:
-    return {"targets": ["merge"] + _exporters()}
+    """The targets with their help line, and the GGUF types for the targets that take one."""
+    helps = {"merge": "`loraforge merge`: the adapter merged into its base (a verified transformers folder)"}
+    if _exporters():
+        import loraforge.exporters as ex
+
+        helps.update({name: e.help for name, e in ex.EXPORTERS.items()})
+    targets = ["merge"] + _exporters()
+    quant_targets = [t for t in QUANT_TARGETS if t in targets]
+    return {"targets": [{"name": t, "help": helps.get(t, "")} for t in targets], "quant_targets": quant_targets,
+            "quants": list(_quants()) if quant_targets else []}
 
 
 @router.post("/eval")
@@ -352,7 +371,14 @@ async def export(request: Request) -> Any:
         if target == "merge":
             rec = ctx.jobs.start("merge", [str(run_dir), "--out", str(out)], target=out)
         elif target in _exporters():
-            rec = ctx.jobs.start("export", [str(run_dir), "--to", target, "--out", str(out)], target=out)
+            args = [str(run_dir), "--to", target, "--out", str(out)]
+            quant = str(body.get("quant") or "")
+            if quant and target in QUANT_TARGETS:
+                if quant not in _quants():
+                    raise LoraforgeError([Problem("quant", "unknown GGUF type", value=quant,
+                                                  allowed=", ".join(_quants()))])
+                args += ["--quant", quant]
+            rec = ctx.jobs.start("export", args, target=out)
         else:
             raise LoraforgeError([Problem("to", "unknown export target", value=target,
                                           allowed=", ".join(["merge"] + _exporters()))])
@@ -370,11 +396,19 @@ def job(request: Request, id: str) -> Any:
         rec = ctx.jobs.job(id)
     except LoraforgeError as err:
         return _problems(err)
-    out = {"id": rec["id"], "kind": rec["kind"], "running": ctx.jobs.running(rec), "exit_code": rec.get("exit_code"),
-           "log": ctx.jobs.log_tail(rec), "target": ctx.ws.relative(Path(rec["target"]))}
+    running = ctx.jobs.running(rec)
+    log = ctx.jobs.log_tail(rec)
+    out = {"id": rec["id"], "kind": rec["kind"], "running": running, "exit_code": rec.get("exit_code"), "log": log,
+           "target": ctx.ws.relative(Path(rec["target"])), "started": rec.get("started"), "ended": rec.get("ended"),
+           "progress": jobview.progress(rec["kind"], log) if running else None}
     report = Path(rec["target"]) / "eval_report.md"
     if rec["kind"] == "eval" and report.is_file():
         out["report"] = report.read_text(encoding="utf-8")
+        out["eval"] = jobview.eval_summary(Path(rec["target"]))
+    if rec["kind"] in ("merge", "export") and not running and rec.get("exit_code") == 0:
+        target = Path(rec["target"])
+        out["files"] = sorted([{"name": p.name, "bytes": p.stat().st_size} for p in target.iterdir() if p.is_file()],
+                              key=lambda f: -f["bytes"])[:8] if target.is_dir() else []
     return out
 
 

@@ -307,7 +307,10 @@ async function refreshAdapters() {
       h("input", {type: "checkbox", value: r.dir, checked: was.has(r.dir)}), h("code", {}, r.dir), ` (${r.status})`)));
     if (!withWeights.length) box.append(h("span", {class: "sub"}, "no runs yet"));
   }
-  $("#export-run").replaceChildren(...runs.filter(r => r.status === "finished").map(r => h("option", {value: r.dir}, r.dir)));
+  const was = $("#export-run").value;
+  $("#export-run").replaceChildren(...runs.filter(r => r.status === "finished").map(r => h("option", {value: r.dir, selected: r.dir === was}, r.dir)));
+  exportTarget();
+  refreshJobs();
 }
 
 $("#chat-send").addEventListener("click", async () => {
@@ -347,16 +350,74 @@ $("#chat-send").addEventListener("click", async () => {
 });
 
 // ------------------------------------------------------------------ evaluate and export
-let jobTimer = null;
+let jobTimer = null, exportInfo = {targets: [], quant_targets: [], quants: []};
+
+function fmtNum(v, signed) {
+  if (v === null || v === undefined) return "–";
+  return (signed && v > 0 ? "+" : "") + v.toFixed(3);
+}
+
+function evalTable(ev) {
+  const adapters = ev.variants.slice(1);
+  const head = h("tr", {}, h("th", {}, "metric"), ...ev.variants.map(v => h("th", {}, v)), ...adapters.map(a => h("th", {}, "Δ " + a)));
+  const rows = ev.metrics.map(m => h("tr", {},
+    h("td", {}, m.label, h("span", {class: "sub"}, m.lower_is_better ? " ↓" : " ↑")),
+    ...ev.variants.map(v => h("td", {class: "num" + (v === m.best && ev.variants.length > 1 ? " best" : "")}, fmtNum(m.values[v]))),
+    ...adapters.map(a => {
+      const d = m.deltas[a];
+      const better = d === null || d === undefined || d === 0 ? "" : (m.lower_is_better ? d < 0 : d > 0) ? " up" : " down";
+      return h("td", {class: "num delta" + better}, fmtNum(d, true));
+    })));
+  const examples = ev.examples.map(ex => h("tr", {}, h("td", {}, ex.prompt), h("td", {}, ex.references.join(" / ")),
+    ...ev.variants.map(v => h("td", {}, ex.outputs[v]))));
+  return [h("p", {class: "sub"}, `${ev.n_examples} examples of ${ev.data} · Δ = adapter − base; green: better than the base`),
+          h("table", {class: "eval"}, h("thead", {}, head), h("tbody", {}, rows)),
+          h("h3", {}, `first ${ev.examples.length} examples`),
+          h("table", {class: "eval examples"}, h("thead", {}, h("tr", {}, h("th", {}, "prompt"), h("th", {}, "reference"), ...ev.variants.map(v => h("th", {}, v)))),
+            h("tbody", {}, examples))];
+}
+
+function kib(b) { return b >= 2 ** 20 ? mib(b) : (b / 1024).toFixed(1) + " KiB"; }
+
 async function watchJob(id) {
   clearTimeout(jobTimer);
   const job = await api("job?id=" + id).catch(e => ({log: e.message}));
-  $("#job-title").textContent = `${job.kind || "job"} → ${job.target || ""} ` + (job.running ? "(running)" : job.exit_code === 0 ? "(done)" : job.exit_code !== undefined && job.exit_code !== null ? `(failed: exit ${job.exit_code})` : "");
-  $("#job-log").textContent = job.log || "";
+  const state = job.running ? "running" : job.exit_code === 0 ? "finished" : job.exit_code !== undefined && job.exit_code !== null ? "failed" : "";
+  const secs = job.started ? Math.round(((job.ended || Date.now() / 1000) - job.started)) : null;
+  $("#job-title").replaceChildren(`${job.kind || "job"} → `, h("code", {}, job.target || ""), " ",
+    state ? h("span", {class: "badge " + state}, state + (state === "failed" ? ` (exit ${job.exit_code})` : "")) : "",
+    secs !== null ? h("span", {class: "sub"}, ` ${secs} s`) : "");
+  const bar = $("#job-progress");
+  bar.style.display = job.running ? "" : "none";
+  bar.classList.toggle("indeterminate", job.running && !job.progress);
+  $(".bar", bar).style.width = job.progress ? job.progress.percent + "%" : "30%";
+  $(".label", bar).textContent = job.progress ? `${job.progress.percent}% · ${job.progress.label}` : "working…";
+  const log = $("#job-log"); log.textContent = job.log || ""; log.scrollTop = log.scrollHeight;
   $("#job-report").textContent = job.report || "";
-  $("#job-report").style.display = job.report ? "" : "none";
-  if (job.running) jobTimer = setTimeout(() => watchJob(id), 1500);
+  $("#job-report-box").style.display = job.report ? "" : "none";
+  $("#job-eval").replaceChildren(...(job.eval ? evalTable(job.eval) : []));
+  $("#job-files").replaceChildren(...(job.files || []).map(f => h("li", {}, h("code", {}, f.name), " ", h("span", {class: "sub"}, kib(f.bytes)))));
+  if (job.running) jobTimer = setTimeout(() => watchJob(id), 1000);
+  else refreshJobs();
 }
+
+async function refreshJobs() {
+  const jobs = await api("jobs").catch(() => []);
+  $("#jobs-list").replaceChildren(...jobs.filter(j => j.kind !== "train").reverse().map(j => h("li", {onclick: () => watchJob(j.id)},
+    h("code", {}, j.kind), " → ", h("code", {}, j.target), " ",
+    h("span", {class: "badge " + (j.running ? "running" : j.exit_code === 0 ? "finished" : "failed")}, j.running ? "running" : j.exit_code === 0 ? "done" : "failed"))));
+}
+
+function exportTarget() {
+  const to = $("#export-to").value;
+  const t = exportInfo.targets.find(t => t.name === to);
+  $("#export-help").textContent = t ? t.help : "";
+  $("#export-quant-box").style.display = exportInfo.quant_targets.includes(to) ? "" : "none";
+  const run = ($("#export-run").value || "RUN").split("/").pop();
+  $("#export-out").placeholder = `exports/${run}-${to}`;
+}
+$("#export-to").addEventListener("change", exportTarget);
+$("#export-run").addEventListener("change", exportTarget);
 
 $("#eval-start").addEventListener("click", async () => {
   try {
@@ -367,14 +428,18 @@ $("#eval-start").addEventListener("click", async () => {
 });
 $("#export-start").addEventListener("click", async () => {
   try {
-    const r = await api("export", {dir: $("#export-run").value, to: $("#export-to").value, out: $("#export-out").value || null});
+    const to = $("#export-to").value;
+    const r = await api("export", {dir: $("#export-run").value, to, out: $("#export-out").value || null,
+      quant: exportInfo.quant_targets.includes(to) ? $("#export-quant").value : null});
     watchJob(r.job);
   } catch (e) { $("#job-log").textContent = e.message; }
 });
 
 (async function init() {
-  const ex = await api("exports").catch(() => ({targets: ["merge"]}));
-  $("#export-to").replaceChildren(...ex.targets.map(t => h("option", {value: t}, t)));
+  exportInfo = await api("exports").catch(() => ({targets: [{name: "merge", help: ""}], quant_targets: [], quants: []}));
+  $("#export-to").replaceChildren(...exportInfo.targets.map(t => h("option", {value: t.name, title: t.help}, t.name)));
+  $("#export-quant").replaceChildren(...exportInfo.quants.map(q => h("option", {value: q}, q)));
+  exportTarget();
   methodFields();
   showView();
   await loadPickers().catch(() => {});
