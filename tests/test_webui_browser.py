@@ -1,7 +1,7 @@
 """The web UI end to end in a real browser (Debian's chromium driven by Playwright), as a user would: pick
 smollm2 and the persona data, see the reply and its end-of-turn token marked as trained, type a bad value and see
 the inline error with its fix, start a short run, watch the chart get points, stop it, resume it from a freshly
-opened tab; download the YAML of a second run on 2 processes (torchrun) with a validation file and overlay both
+opened tab; download the YAML of a second run on 2 processes (torchrun) with a validation split and overlay both
 runs on one chart; chat with the adapter next to the base and see different answers; evaluate it against the
 base (the report's deltas) and export it to Ollama (GGUF + Modelfile) with progress.
 
@@ -150,10 +150,10 @@ def test_whole_workflow_in_a_browser(webui, tmp_path):
         assert "--set resume_from_checkpoint=latest" in page.locator("#run-log").inner_text()
         page.screenshot(path=shots / "5-run-finished.png", full_page=True)
 
-        # --- a second run on 2 processes (torchrun), with a validation file; its YAML downloaded -------------
+        # --- a second run on 2 processes (torchrun), with a validation split; its YAML downloaded ------------
         page.click('nav a[data-view="new"]')
         _new_run(page, {**common, "batch_size": "2", "max_steps": "4", "save_steps": "4", "eval_steps": "2",
-                        "val_file": "examples/data/persona/heldout.jsonl", "output_dir": "output/persona-2proc",
+                        "val_size": "0.1", "output_dir": "output/persona-2proc",
                         "processes": "2"})
         page.fill("#config-path", "configs/persona-2proc.yaml")
         page.locator("#f-processes").dispatch_event("input")
@@ -172,6 +172,7 @@ def test_whole_workflow_in_a_browser(webui, tmp_path):
         expect(page.locator("#run-title .badge")).to_have_text("finished", timeout=120_000)
         log = page.locator("#run-log").inner_text()
         assert log.startswith("$ torchrun --standalone --nproc_per_node 2") and "2 processes)" in log, log[-2000:]
+        assert log.count("Adapter saved in") == 1  # rank 0 speaks for both
         # overlay: the first run's curves next to this one's, val loss dashed
         page.check('#runs-table tr[data-run="output/persona-ui"] input[type=checkbox]')
         chart = page.locator("#chart-loss")
@@ -207,6 +208,7 @@ def test_whole_workflow_in_a_browser(webui, tmp_path):
         loss_delta = table.locator("tbody tr").first.locator("td.delta")
         expect(loss_delta).to_have_class("num delta up")  # the trained adapter's held-out loss is below the base's
         assert float(loss_delta.inner_text()) < 0
+        expect(page.locator("#job-title .badge")).to_have_text("finished")
         page.screenshot(path=shots / "8-evaluate.png", full_page=True)
 
         # --- export to Ollama: GGUF + Modelfile, with progress -------------------------------------------------

@@ -405,6 +405,8 @@ def job(request: Request, id: str) -> Any:
     if rec["kind"] == "eval" and report.is_file():
         out["report"] = report.read_text(encoding="utf-8")
         out["eval"] = jobview.eval_summary(Path(rec["target"]))
+        if out["eval"]:
+            out["eval"]["data"] = ctx.ws.relative(Path(out["eval"]["data"]))
     if rec["kind"] in ("merge", "export") and not running and rec.get("exit_code") == 0:
         target = Path(rec["target"])
         out["files"] = sorted([{"name": p.name, "bytes": p.stat().st_size} for p in target.iterdir() if p.is_file()],
