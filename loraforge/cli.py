@@ -64,6 +64,8 @@ def train(config: Path = typer.Argument(..., help="Run config YAML."), set_: Opt
     from loraforge.train.loop import train as run_training
 
     result = run_training(cfg, echo=typer.echo)
+    if not result.is_main:  # the other ranks of a multi-process run: rank 0 says it once
+        return
     typer.echo(f"\nAdapter saved in {result.run_dir}" if _is_adapter(cfg) else f"\nModel saved in {result.run_dir}")
     chat = f"loraforge chat --base {cfg.base_model} --adapter {result.run_dir}" if _is_adapter(cfg) \
         else f"loraforge chat --base {result.run_dir}"

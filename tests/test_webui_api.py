@@ -83,6 +83,22 @@ def test_paths_outside_the_workspace_are_refused(ws, path):
     assert "secret" not in str(c.get("/api/datasets").json())
 
 
+def test_the_model_picker_names_seed_families(ws):
+    import json
+
+    for name, config in {"glm2": {"model_type": "chatglm", "architectures": ["ChatGLMModel"]},
+                         "glm1": {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "position_encoding_2d": True},
+                         "conv": {"model_type": "glm", "loraforge_converted_from": "chatglm"},
+                         "plain": {"model_type": "llama"}}.items():
+        (ws / "models" / name).mkdir(parents=True)
+        (ws / "models" / name / "config.json").write_text(json.dumps(config))
+    kinds = {m["value"]: m["kind"] for m in client(ws).get("/api/models").json()}
+    assert kinds["smollm2"] == "built-in" and kinds["models/plain"] == "hf dir"
+    assert kinds["models/glm2"] == "chatglm checkpoint: converts to native GlmForCausalLM"
+    assert kinds["models/glm1"].startswith("chatglm checkpoint: not convertible (ChatGLM-6B (v1")
+    assert kinds["models/conv"] == "converted from chatglm"
+
+
 def test_extra_roots_are_readable(ws):
     c = client(ws, extra_roots=[ws.parent])
     assert c.get("/api/dataset/preview", params={"path": str(ws.parent / "secret.jsonl")}).json()["rows"][0][

@@ -1,7 +1,9 @@
 """The web UI end to end in a real browser (Debian's chromium driven by Playwright), as a user would: pick
 smollm2 and the persona data, see the reply and its end-of-turn token marked as trained, type a bad value and see
 the inline error with its fix, start a short run, watch the chart get points, stop it, resume it from a freshly
-opened tab, then chat with the adapter next to the base and see different answers.
+opened tab; download the YAML of a second run on 2 processes (torchrun) with a validation split and overlay both
+runs on one chart; chat with the adapter next to the base and see different answers; evaluate it against the
+base (the report's deltas) and export it to Ollama (GGUF + Modelfile) with progress.
 
 Screenshots of each stage go to $LORAFORGE_WEBUI_SHOTS (default: the test's tmp dir).
 """
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -66,6 +69,13 @@ def webui(tmp_path, smollm2_dir):
             pass
 
 
+def _new_run(page, fields: dict[str, str]) -> None:
+    page.select_option("#model-pick", "smollm2")
+    page.select_option("#data-pick", "examples/data/persona/train.jsonl")
+    for name, value in fields.items():
+        page.fill(f"#f-{name}", value)
+
+
 def test_whole_workflow_in_a_browser(webui, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -81,13 +91,10 @@ def test_whole_workflow_in_a_browser(webui, tmp_path):
         page.goto(url)
 
         # --- New run: pickers, data preview, the form --------------------------------------------------
-        page.select_option("#model-pick", "smollm2")
-        page.select_option("#data-pick", "examples/data/persona/train.jsonl")
+        common = {"cutoff_len": "64", "batch_size": "4", "learning_rate": "3e-3", "target_modules": "all-linear",
+                  "logging_steps": "1"}
+        _new_run(page, {**common, "max_steps": "10", "save_steps": "5", "output_dir": "output/persona-ui"})
         expect(page.locator("#data-preview pre.row").first).to_contain_text("Quillon")
-        for name, value in {"max_steps": "10", "cutoff_len": "64", "batch_size": "4", "learning_rate": "3e-3",
-                            "target_modules": "all-linear", "logging_steps": "1", "save_steps": "5",
-                            "output_dir": "output/persona-ui"}.items():
-            page.fill(f"#f-{name}", value)
         # help text from the schema is next to its field
         expect(page.locator('[data-field="lora_rank"] .help')).to_have_text("LoRA rank r.")
         # a method-specific key is shown for its method only
@@ -143,6 +150,40 @@ def test_whole_workflow_in_a_browser(webui, tmp_path):
         assert "--set resume_from_checkpoint=latest" in page.locator("#run-log").inner_text()
         page.screenshot(path=shots / "5-run-finished.png", full_page=True)
 
+        # --- a second run on 2 processes (torchrun), with a validation split; its YAML downloaded ------------
+        page.click('nav a[data-view="new"]')
+        _new_run(page, {**common, "batch_size": "2", "max_steps": "4", "save_steps": "4", "eval_steps": "2",
+                        "val_size": "0.1", "output_dir": "output/persona-2proc",
+                        "processes": "2"})
+        page.fill("#config-path", "configs/persona-2proc.yaml")
+        page.locator("#f-processes").dispatch_event("input")
+        expect(page.locator("#cli")).to_have_text(
+            "torchrun --standalone --nproc_per_node 2 -m loraforge train configs/persona-2proc.yaml")
+        expect(page.locator("#estimate")).to_contain_text("per process × 2 (ddp)")
+        expect(page.locator("#start")).to_be_enabled()
+        with page.expect_download() as dl:
+            page.click("#download")
+        assert dl.value.suggested_filename == "persona-2proc.yaml"
+        downloaded = yaml.safe_load(Path(dl.value.path()).read_text())
+        assert downloaded["output_dir"] == "output/persona-2proc" and "processes" not in downloaded
+        assert downloaded == yaml.safe_load(page.locator("#yaml").inner_text())
+        page.click("#start")
+        expect(page.locator("#run-title")).to_contain_text("2 processes")
+        expect(page.locator("#run-title .badge")).to_have_text("finished", timeout=120_000)
+        log = page.locator("#run-log").inner_text()
+        assert log.startswith("$ torchrun --standalone --nproc_per_node 2") and "2 processes)" in log, log[-2000:]
+        assert log.count("Adapter saved in") == 1  # rank 0 speaks for both
+        # overlay: the first run's curves next to this one's, val loss dashed
+        page.check('#runs-table tr[data-run="output/persona-ui"] input[type=checkbox]')
+        chart = page.locator("#chart-loss")
+        expect(chart.locator('g.series[data-name="output/persona-ui loss"] circle.point')).to_have_count(10)
+        expect(chart.locator('g.series[data-name="output/persona-2proc loss"] circle.point')).to_have_count(4)
+        expect(chart.locator('g.series[data-name="output/persona-2proc val_loss"] circle.point')).to_have_count(2)
+        expect(page.locator("#chart-lr g.series")).to_have_count(2)
+        expect(page.locator("#chart-grad g.series")).to_have_count(2)
+        expect(page.locator("#chart-legend")).to_contain_text("output/persona-ui")
+        page.screenshot(path=shots / "7-runs-overlay.png", full_page=True)
+
         # --- chat: base and adapter side by side ---------------------------------------------------------------
         page.click('nav a[data-view="chat"]')
         page.check('#chat-adapters input[value="output/persona-ui"]')
@@ -153,4 +194,37 @@ def test_whole_workflow_in_a_browser(webui, tmp_path):
         base, tuned = (page.locator(".answer .answer-text").nth(i).inner_text() for i in (0, 1))
         assert base.strip() and tuned.strip() and base != tuned, (base, tuned)
         page.screenshot(path=shots / "6-chat.png", full_page=True)
+
+        # --- evaluate: the adapter against the base on the held-out rows, with deltas ------------------------
+        page.click('nav a[data-view="evaluate"]')
+        page.fill("#eval-data", "examples/data/persona/heldout.jsonl")
+        page.check('#eval-adapters input[value="output/persona-ui"]')
+        page.fill("#eval-limit", "4")
+        page.fill("#eval-max", "24")
+        page.click("#eval-start")
+        table = page.locator("#job-eval table.eval").first
+        expect(table).to_be_visible(timeout=120_000)
+        expect(table.locator("thead")).to_contain_text("Δ output-persona-ui")
+        loss_delta = table.locator("tbody tr").first.locator("td.delta")
+        expect(loss_delta).to_have_class("num delta up")  # the trained adapter's held-out loss is below the base's
+        assert float(loss_delta.inner_text()) < 0
+        expect(page.locator("#job-title .badge")).to_have_text("finished")
+        page.screenshot(path=shots / "8-evaluate.png", full_page=True)
+
+        # --- export to Ollama: GGUF + Modelfile, with progress -------------------------------------------------
+        targets = page.locator("#export-to option").all_inner_texts()
+        assert {"merge", "gguf", "ollama"} <= set(targets), targets
+        page.select_option("#export-run", "output/persona-ui")
+        page.select_option("#export-to", "ollama")
+        expect(page.locator("#export-quant-box")).to_be_visible()
+        expect(page.locator("#export-help")).to_contain_text("Modelfile")
+        page.select_option("#export-quant", "f16")
+        page.click("#export-start")
+        expect(page.locator("#job-progress")).to_be_visible()
+        expect(page.locator("#job-title .badge")).to_have_text("finished", timeout=120_000)
+        files = page.locator("#job-files").inner_text()
+        assert "Modelfile" in files and ".gguf" in files, files
+        assert "100%|" in page.locator("#job-log").inner_text()  # the writer's progress bar, as the UI showed it
+        assert (ws / "exports" / "persona-ui-ollama" / "Modelfile").is_file()
+        page.screenshot(path=shots / "9-export.png", full_page=True)
         browser.close()

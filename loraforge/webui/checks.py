@@ -52,31 +52,41 @@ def quick_check(raw: Mapping[str, Any], ws: Workspace) -> list[dict]:
     data, problems = confined(raw, ws)
     if not problems:
         try:
-            config_from_dict(data)
+            problems = launch_config_problems(config_from_dict(data))
         except LoraforgeError as err:
             problems = err.problems
     return [problem_json(p) for p in problems]
 
 
-def full_check(raw: Mapping[str, Any], ws: Workspace) -> dict:
-    """Config + preflight (model, method, data) + estimate, cached by the config's content.
+def launch_config_problems(cfg: Any) -> list[Problem]:
+    """What `sharding: fsdp2` refuses for this config (the trainer would refuse it at start)."""
+    if cfg.sharding != "fsdp2":
+        return []
+    from loraforge.train.sharding import fsdp_problems
+
+    return fsdp_problems(cfg)
+
+
+def full_check(raw: Mapping[str, Any], ws: Workspace, processes: int = 1) -> dict:
+    """Config + preflight (model, method, data) + estimate (per process of `processes`), cached by the config's
+    content and the process count.
 
     Returns {"problems": [...], "stats": DataStats dict | None, "estimate": {...} | None, "summary": str}.
     """
-    key = json.dumps(raw, sort_keys=True, default=str)
+    key = json.dumps([raw, processes], sort_keys=True, default=str)
     if key in _full_cache:
         return _full_cache[key]
     with _lock:
         if key in _full_cache:
             return _full_cache[key]
-        result = _full_check(raw, ws)
+        result = _full_check(raw, ws, processes)
         _full_cache[key] = result
         if len(_full_cache) > 64:
             _full_cache.pop(next(iter(_full_cache)))
         return result
 
 
-def _full_check(raw: Mapping[str, Any], ws: Workspace) -> dict:
+def _full_check(raw: Mapping[str, Any], ws: Workspace, processes: int) -> dict:
     from loraforge.config import config_from_dict
     from loraforge.preflight import run_preflight
 
@@ -87,18 +97,21 @@ def _full_check(raw: Mapping[str, Any], ws: Workspace) -> dict:
         return out
     try:
         cfg = config_from_dict(data)
+        sharding = launch_config_problems(cfg)
+        if sharding:
+            raise LoraforgeError(sharding)
         lines: list[str] = []
         report = run_preflight(cfg, echo=lines.append)
         out["summary"] = "\n".join(lines)
         if report.data_stats is not None:
             out["stats"] = report.data_stats.to_dict()
-        out["estimate"] = _estimate(cfg, report.model_dir)
+        out["estimate"] = _estimate(cfg, report.model_dir, processes)
     except LoraforgeError as err:
         out["problems"] = [problem_json(p) for p in err.problems]
     return out
 
 
-def _estimate(cfg: Any, model_dir: Path | None) -> dict | None:
+def _estimate(cfg: Any, model_dir: Path | None, processes: int = 1) -> dict | None:
     from loraforge.estimate import estimate_memory, measure_baseline_rss
 
     if model_dir is None or cfg.task_type.value == "TEXT_TO_IMAGE":
@@ -106,12 +119,13 @@ def _estimate(cfg: Any, model_dir: Path | None) -> dict | None:
     try:
         if str(model_dir) not in _baselines:
             _baselines[str(model_dir)] = measure_baseline_rss(model_dir)
-        est = estimate_memory(cfg, baseline_bytes=_baselines[str(model_dir)])
+        est = estimate_memory(cfg, baseline_bytes=_baselines[str(model_dir)], processes=processes)
     except LoraforgeError as err:
         return {"error": err.format()}
     return {"trainable_params": est.trainable_params, "total_params": est.total_params,
             "trainable_percent": round(est.trainable_percent, 4), "peak_bytes": est.peak_bytes,
-            "precision": est.precision, "device": est.device, "adapted_modules": est.adapted_modules}
+            "precision": est.precision, "device": est.device, "adapted_modules": est.adapted_modules,
+            "processes": est.processes, "sharding": est.sharding, "notes": est.notes}
 
 
 @lru_cache(maxsize=4)

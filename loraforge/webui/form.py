@@ -26,7 +26,7 @@ SECTIONS = (("model", schema.ModelSection), ("method", schema.MethodSection), ("
 PRIMARY = {"base_model", "task_type", "method", "lora_rank", "lora_alpha", "target_modules", "num_virtual_tokens",
            "freeze_trainable_layers", "metadata_path", "val_file", "template", "cutoff_len", "batch_size",
            "gradient_accumulation_steps", "epochs", "max_steps", "learning_rate", "logging_steps", "save_steps",
-           "output_dir", "system_prompt", "val_size", "quant_bits", "eval_steps"}
+           "output_dir", "system_prompt", "val_size", "quant_bits", "eval_steps", "stage"}
 # Fields whose path is resolved against the workspace for checks made inside the UI's process.
 PATH_KEYS = ("train_data_dir", "metadata_path", "val_file", "output_dir", "init_adapter")
 
@@ -136,5 +136,7 @@ def absolutize(raw: Mapping[str, Any], root: Path) -> dict[str, Any]:
     return out
 
 
-def cli_command(config_path: str) -> str:
-    return f"loraforge train {config_path}"
+def cli_command(config_path: str, processes: int = 1) -> str:
+    from loraforge.webui.launch import shown_command
+
+    return shown_command("train", [config_path], processes)

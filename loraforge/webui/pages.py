@@ -8,7 +8,13 @@ from html import escape
 from loraforge.webui.form import FormField, form_fields
 from loraforge.webui.workspace import Workspace
 
-SECTION_TITLES = {"model": "Model", "method": "Method", "data": "Data", "training": "Training", "output": "Output"}
+SECTION_TITLES = {"model": "Model", "method": "Method", "data": "Data", "training": "Training",
+                  "preference": "Preference tuning", "output": "Output"}
+LAUNCH_KEYS = ("sharding",)  # config keys shown with the launch options instead of in their own section
+PROCESSES_HELP = ("Not a config key: how many processes train this run. 1 = `loraforge train CONFIG`; N > 1 = "
+                  "`torchrun --standalone --nproc_per_node N -m loraforge train CONFIG`, one process per GPU "
+                  "(without CUDA: CPU processes over gloo). The batch per step grows N times (docs/TRAINING.md); "
+                  "the estimate is per process; resume uses the same count.")
 
 
 def _input(f: FormField) -> str:
@@ -37,7 +43,7 @@ def _form() -> str:
     out = []
     fields = form_fields()
     for section, title in SECTION_TITLES.items():
-        own = [f for f in fields if f.section == section]
+        own = [f for f in fields if f.section == section and f.name not in LAUNCH_KEYS]
         primary = "".join(_field(f) for f in own if f.primary)
         more = "".join(_field(f) for f in own if not f.primary)
         picker = ""
@@ -48,6 +54,12 @@ def _form() -> str:
                       '<div id="data-preview" class="preview"></div></div>')
         out.append(f'<fieldset data-section="{section}"><legend>{title}</legend>{picker}{primary}'
                    f'<details><summary>more {title.lower()} options</summary>{more}</details></fieldset>')
+    launch = "".join(_field(f) for f in fields if f.name in LAUNCH_KEYS)
+    out.append('<fieldset data-section="launch"><legend>Launch (several processes / GPUs)</legend>'
+               '<div class="field" data-field="processes" data-methods=""><label for="f-processes"><code>processes'
+               '</code></label><input type="number" id="f-processes" data-launch="processes" value="1" min="1" '
+               f'step="1"><div class="help">{escape(PROCESSES_HELP)}</div><div class="err" data-err="processes">'
+               f'</div></div>{launch}</fieldset>')
     return "".join(out)
 
 
@@ -144,12 +156,18 @@ PAGE = """<!doctype html>
   <div class="card"><h2>Export</h2>
    <label>run <select id="export-run"></select></label>
    <label>target <select id="export-to"></select></label>
+   <div id="export-help" class="sub"></div>
+   <label id="export-quant-box">GGUF type <select id="export-quant"></select></label>
    <label>output folder <input id="export-out" type="text" placeholder="exports/RUN-merge"></label>
    <button id="export-start" class="primary">Export</button>
   </div>
  </div>
- <div class="card"><h2 id="job-title">jobs</h2><pre id="job-report" class="report"></pre><pre id="job-log" class="log"></pre>
-  <ul id="jobs-list" class="jobs"></ul></div>
+ <div class="card" id="job-card"><h2 id="job-title">jobs</h2>
+  <div id="job-progress" class="progress"><div class="bar"></div><span class="label"></span></div>
+  <div id="job-eval"></div><ul id="job-files" class="files"></ul>
+  <details id="job-report-box"><summary>Markdown report (eval_report.md)</summary><pre id="job-report" class="report"></pre></details>
+  <pre id="job-log" class="log"></pre>
+  <h3>recent jobs</h3><ul id="jobs-list" class="jobs"></ul></div>
 </section>
 </main>
 <script src="/static/chart.js"></script>

@@ -12,8 +12,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraforge.errors import LoraforgeError, Problem
-from loraforge.webui import checks
+from loraforge.webui import checks, jobview
 from loraforge.webui.form import cli_command, form_fields, form_to_raw, raw_to_form
+from loraforge.webui.launch import parse_processes
 from loraforge.webui.runs import JobError, read_metrics
 from loraforge.webui.workspace import preview_rows
 
@@ -86,13 +87,15 @@ async def check(request: Request) -> Any:
     except LoraforgeError as err:
         return _problems(err)
     raw = form_to_raw(body.get("values") or {})
-    return {"yaml": _yaml_text(raw), "problems": checks.quick_check(raw, _ctx(request).ws),
-            "cli": cli_command(body.get("path") or "config.yaml")}
+    processes, launch_problems = parse_processes(body.get("processes"))
+    problems = [checks.problem_json(p) for p in launch_problems] + checks.quick_check(raw, _ctx(request).ws)
+    return {"yaml": _yaml_text(raw), "problems": problems,
+            "cli": cli_command(body.get("path") or "config.yaml", processes if not launch_problems else 1)}
 
 
 @router.post("/preflight")
 async def preflight(request: Request) -> Any:
-    """Preflight (model, method, data) and the estimate; seconds the first time, cached after."""
+    """Preflight (model, method, data) and the estimate (per process); seconds the first time, cached after."""
     try:
         body = await _body(request)
     except LoraforgeError as err:
@@ -100,7 +103,9 @@ async def preflight(request: Request) -> Any:
     from starlette.concurrency import run_in_threadpool
 
     raw = form_to_raw(body.get("values") or {})
-    return await run_in_threadpool(checks.full_check, raw, _ctx(request).ws)
+    processes, launch_problems = parse_processes(body.get("processes"))
+    result = await run_in_threadpool(checks.full_check, raw, _ctx(request).ws, 1 if launch_problems else processes)
+    return {**result, "problems": [checks.problem_json(p) for p in launch_problems] + result["problems"]}
 
 
 @router.post("/tokens")
@@ -171,14 +176,18 @@ def _read_yaml(text: str) -> dict:
 
 @router.post("/train")
 async def train(request: Request) -> Any:
-    """Save the config and start `loraforge train CONFIG` — refused while any check finds a problem."""
+    """Save the config and start `loraforge train CONFIG` (under torchrun for `processes` > 1) — refused while any
+    check finds a problem."""
     from starlette.concurrency import run_in_threadpool
 
     ctx = _ctx(request)
     try:
         body = await _body(request)
         raw = form_to_raw(body.get("values") or {})
-        result = await run_in_threadpool(checks.full_check, raw, ctx.ws)
+        processes, launch_problems = parse_processes(body.get("processes"))
+        if launch_problems:
+            raise LoraforgeError(launch_problems)
+        result = await run_in_threadpool(checks.full_check, raw, ctx.ws, processes)
         if result["problems"]:
             return JSONResponse({"problems": result["problems"], "error": "fix the problems first"}, status_code=400)
         data, _ = checks.confined(raw, ctx.ws)
@@ -188,9 +197,9 @@ async def train(request: Request) -> Any:
 
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target, _yaml_text(raw))
-        rec = ctx.jobs.start("train", [str(target)], target=run_dir)
+        rec = ctx.jobs.start("train", [str(target)], target=run_dir, processes=processes)
         return {"job": rec["id"], "dir": ctx.ws.relative(run_dir), "config": ctx.ws.relative(target),
-                "cli": cli_command(ctx.ws.relative(target))}
+                "cli": cli_command(ctx.ws.relative(target), processes), "processes": processes}
     except JobError as err:
         return _problems(err, 409)
     except LoraforgeError as err:
@@ -249,7 +258,8 @@ async def run_stop(request: Request) -> Any:
 
 @router.post("/run/resume")
 async def run_resume(request: Request) -> Any:
-    """`loraforge train RUN/config.yaml --set resume_from_checkpoint=latest` (output_dir pointed at this run)."""
+    """`loraforge train RUN/config.yaml --set resume_from_checkpoint=latest` (output_dir pointed at this run), on
+    as many processes as the run's last job (or `processes`: a checkpoint resumes on any number)."""
     ctx = _ctx(request)
     try:
         body = await _body(request)
@@ -260,8 +270,12 @@ async def run_resume(request: Request) -> Any:
         args = [str(run_dir / "config.yaml"), "--set", "resume_from_checkpoint=latest"]
         if (ctx.ws.root / str(saved.get("output_dir", ""))).resolve() != run_dir:
             args += ["--set", f"output_dir={run_dir}"]
-        rec = ctx.jobs.start("train", args, target=run_dir)
-        return {"job": rec["id"], "dir": ctx.ws.relative(run_dir)}
+        last = ctx.jobs.run_job(run_dir)
+        processes, launch_problems = parse_processes(body.get("processes") or (last or {}).get("processes"))
+        if launch_problems:
+            raise LoraforgeError(launch_problems)
+        rec = ctx.jobs.start("train", args, target=run_dir, processes=processes)
+        return {"job": rec["id"], "dir": ctx.ws.relative(run_dir), "processes": processes}
     except JobError as err:
         return _problems(err, 409)
     except LoraforgeError as err:
@@ -295,9 +309,28 @@ def _exporters() -> list[str]:
     return sorted(getattr(ex, "EXPORTERS", {}) or {})
 
 
+QUANT_TARGETS = ("gguf", "ollama")  # the targets that write a model GGUF (`export --quant`)
+
+
+def _quants() -> tuple[str, ...]:
+    """The GGUF types `export --quant` writes itself (f16 first: the default)."""
+    from loraforge.exporters.gguf_model import QUANTS
+
+    return ("f16", *(q for q in QUANTS if q != "f16"))
+
+
 @router.get("/exports")
 def exports() -> Any:
-    return {"targets": ["merge"] + _exporters()}
+    """The targets with their help line, and the GGUF types for the targets that take one."""
+    helps = {"merge": "`loraforge merge`: the adapter merged into its base (a verified transformers folder)"}
+    if _exporters():
+        import loraforge.exporters as ex
+
+        helps.update({name: e.help for name, e in ex.EXPORTERS.items()})
+    targets = ["merge"] + _exporters()
+    quant_targets = [t for t in QUANT_TARGETS if t in targets]
+    return {"targets": [{"name": t, "help": helps.get(t, "")} for t in targets], "quant_targets": quant_targets,
+            "quants": list(_quants()) if quant_targets else []}
 
 
 @router.post("/eval")
@@ -338,7 +371,14 @@ async def export(request: Request) -> Any:
         if target == "merge":
             rec = ctx.jobs.start("merge", [str(run_dir), "--out", str(out)], target=out)
         elif target in _exporters():
-            rec = ctx.jobs.start("export", [str(run_dir), "--to", target, "--out", str(out)], target=out)
+            args = [str(run_dir), "--to", target, "--out", str(out)]
+            quant = str(body.get("quant") or "")
+            if quant and target in QUANT_TARGETS:
+                if quant not in _quants():
+                    raise LoraforgeError([Problem("quant", "unknown GGUF type", value=quant,
+                                                  allowed=", ".join(_quants()))])
+                args += ["--quant", quant]
+            rec = ctx.jobs.start("export", args, target=out)
         else:
             raise LoraforgeError([Problem("to", "unknown export target", value=target,
                                           allowed=", ".join(["merge"] + _exporters()))])
@@ -356,11 +396,21 @@ def job(request: Request, id: str) -> Any:
         rec = ctx.jobs.job(id)
     except LoraforgeError as err:
         return _problems(err)
-    out = {"id": rec["id"], "kind": rec["kind"], "running": ctx.jobs.running(rec), "exit_code": rec.get("exit_code"),
-           "log": ctx.jobs.log_tail(rec), "target": ctx.ws.relative(Path(rec["target"]))}
+    running = ctx.jobs.running(rec)
+    log = ctx.jobs.log_tail(rec)
+    out = {"id": rec["id"], "kind": rec["kind"], "running": running, "exit_code": rec.get("exit_code"), "log": log,
+           "target": ctx.ws.relative(Path(rec["target"])), "started": rec.get("started"), "ended": rec.get("ended"),
+           "progress": jobview.progress(rec["kind"], log) if running else None}
     report = Path(rec["target"]) / "eval_report.md"
     if rec["kind"] == "eval" and report.is_file():
         out["report"] = report.read_text(encoding="utf-8")
+        out["eval"] = jobview.eval_summary(Path(rec["target"]))
+        if out["eval"]:
+            out["eval"]["data"] = ctx.ws.relative(Path(out["eval"]["data"]))
+    if rec["kind"] in ("merge", "export") and not running and rec.get("exit_code") == 0:
+        target = Path(rec["target"])
+        out["files"] = sorted([{"name": p.name, "bytes": p.stat().st_size} for p in target.iterdir() if p.is_file()],
+                              key=lambda f: -f["bytes"])[:8] if target.is_dir() else []
     return out
 
 

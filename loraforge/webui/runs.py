@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 from loraforge.atomic import atomic_write_text
 from loraforge.errors import LoraforgeError, Problem
+from loraforge.webui import launch
 from loraforge.webui.workspace import Workspace
 
 INTERRUPT_CODES = {128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM, -signal.SIGINT}
@@ -99,8 +99,9 @@ class JobManager:
 
     # --- start / stop -------------------------------------------------------------------------------
 
-    def start(self, kind: str, args: list[str], *, target: Path) -> dict:
-        """Run `loraforge <kind> <args…>` in the workspace. `target` is the run dir / report dir it writes.
+    def start(self, kind: str, args: list[str], *, target: Path, processes: int = 1) -> dict:
+        """Run `loraforge <kind> <args…>` in the workspace. `target` is the run dir / report dir it writes;
+        `processes` > 1 runs it under torchrun (`launch.py`).
 
         Raises:
             JobError: a job already writes `target` (one training at a time per output dir).
@@ -114,15 +115,15 @@ class JobManager:
                                             fix="stop it first, or choose another output_dir")])
             job_id = uuid.uuid4().hex[:12]
             log = self.dir / f"{job_id}.log"
-            argv = [*self.launcher, kind, *args]
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+            argv = [*(self.launcher if processes <= 1 else launch.launcher(processes)), kind, *args]
+            env = {**os.environ, **launch.child_env(processes)}
             with log.open("wb") as out:
-                out.write(("$ " + shlex.join(["loraforge", kind, *args]) + "\n").encode())  # what runs, shown in the log
+                out.write(("$ " + launch.shown_command(kind, args, processes) + "\n").encode())  # shown in the log
                 out.flush()
                 proc = subprocess.Popen(argv, cwd=self.ws.root, stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             rec = {"id": job_id, "kind": kind, "argv": argv, "target": str(target), "pid": proc.pid,
-                   "started": time.time(), "log": str(log), "exit_code": None}
+                   "started": time.time(), "log": str(log), "exit_code": None, "processes": processes}
             self._save(rec)
             self.procs[job_id] = proc
         threading.Thread(target=self._reap, args=(rec, proc), daemon=True).start()
@@ -130,14 +131,20 @@ class JobManager:
 
     def _reap(self, rec: dict, proc: subprocess.Popen) -> None:
         code = proc.wait()
-        rec = {**rec, "exit_code": code, "ended": time.time()}
-        self._save(rec)
+        with self.lock:  # re-read: stop() may have marked the record meanwhile
+            rec = {**self.job(rec["id"]), "exit_code": code, "ended": time.time()}
+            self._save(rec)
 
     def stop(self, job_id: str) -> dict:
-        """SIGTERM: a training writes a checkpoint at the end of its current step and exits."""
-        rec = self.job(job_id)
-        if self.running(rec):
-            os.kill(rec["pid"], signal.SIGTERM)
+        """SIGTERM: a training writes a checkpoint at the end of its current step and exits. Under torchrun the
+        agent gets it and passes it on to every worker (which all stop at the same step); the agent itself then
+        exits 1, so the record says the stop was asked for."""
+        with self.lock:
+            rec = self.job(job_id)
+            if self.running(rec):
+                rec = {**rec, "stop_requested": time.time()}
+                self._save(rec)
+                os.kill(rec["pid"], signal.SIGTERM)
         return rec
 
     # --- runs ---------------------------------------------------------------------------------------
@@ -165,12 +172,13 @@ class JobManager:
             status = "running"
         elif code == 0 or (code is None and (run_dir / "run.json").is_file()):
             status = "finished"
-        elif checkpoints and (code in INTERRUPT_CODES or code is None):
+        elif checkpoints and (code in INTERRUPT_CODES or code is None or rec.get("stop_requested")):
             status = "interrupted"
         else:
             status = "failed"
         info: dict[str, Any] = {"dir": self.ws.relative(run_dir), "status": status, "job": rec and rec["id"],
                                 "checkpoints": len(checkpoints), "exit_code": code,
+                                "processes": (rec or {}).get("processes", 1),
                                 "updated": max([p.stat().st_mtime for p in [run_dir, *checkpoints] if p.exists()]
                                                + [rec["started"] if rec else 0])}
         info.update(self._progress(rec) if rec else {})

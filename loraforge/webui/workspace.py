@@ -101,7 +101,7 @@ class Workspace:
                 if p.is_file() and p.suffix == ".gguf":
                     out.append({"value": self.relative(p), "label": self.relative(p), "kind": "gguf"})
                 elif p.is_dir() and (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-                    out.append({"value": self.relative(p), "label": self.relative(p), "kind": "hf dir"})
+                    out.append({"value": self.relative(p), "label": self.relative(p), "kind": _model_kind(p)})
         return out
 
     def datasets(self) -> list[dict]:
@@ -124,6 +124,24 @@ class Workspace:
                     (p / "metrics.jsonl").is_file() or any(p.glob("checkpoint-*"))):
                 out.append(p)
         return out
+
+
+def _model_kind(model_dir: Path) -> str:
+    """How the picker names a model dir: a ChatGLM2/3, Baichuan2 or Qwen-1 checkpoint says it is converted to
+    its native architecture (or why it is not), a converted one says where it came from."""
+    from loraforge.models.native import CONVERTED_KEY, family_of_checkpoint, read_raw_config
+
+    raw = read_raw_config(model_dir)
+    if raw is None:
+        return "hf dir"
+    if raw.get(CONVERTED_KEY):
+        return f"converted from {raw[CONVERTED_KEY]}"
+    family = family_of_checkpoint(raw)
+    if family is None:
+        return "hf dir"
+    why = family.refusal(raw, model_dir)
+    return f"{family.name} checkpoint: " + (f"not convertible ({why})" if why else
+                                             f"converts to native {family.native_architecture}")
 
 
 def _is_run_file(p: Path) -> bool:

@@ -70,6 +70,9 @@ function methodFields() {
   }
 }
 
+// launch options: not config keys (no `name`), sent next to the values
+function processes() { return $("#f-processes").value; }
+
 let checkSeq = 0, quickProblems = [], fullProblems = [], fullPending = true;
 
 function showProblems() {
@@ -100,7 +103,7 @@ async function onChange() {
   const values = formValues();
   fullPending = true;
   let quick;
-  try { quick = await api("check", {values, path: $("#config-path").value}); } catch (e) { return; }
+  try { quick = await api("check", {values, path: $("#config-path").value, processes: processes()}); } catch (e) { return; }
   if (seq !== checkSeq) return;
   quickProblems = quick.problems; fullProblems = [];
   $("#yaml").textContent = quick.yaml;
@@ -111,7 +114,7 @@ async function onChange() {
 }
 
 const fullCheck = debounce(async (seq, values) => {
-  const [full] = await Promise.all([api("preflight", {values}).catch(e => ({problems: [{key: "error", where: "error", message: e.message, value: null}]})),
+  const [full] = await Promise.all([api("preflight", {values, processes: processes()}).catch(e => ({problems: [{key: "error", where: "error", message: e.message, value: null}]})),
                                     tokenView(seq, values)]);
   if (seq !== checkSeq) return;
   fullPending = false;
@@ -125,9 +128,11 @@ function mib(b) { return (b / 2 ** 20).toLocaleString(undefined, {maximumFractio
 function showEstimate(est, stats) {
   const box = $("#estimate"); box.innerHTML = "";
   if (est && !est.error) {
+    const per = est.processes > 1 ? ` per process × ${est.processes} (${est.sharding})` : "";
     box.append(h("div", {}, h("b", {}, est.trainable_params.toLocaleString()), " trainable of ",
                  est.total_params.toLocaleString(), ` params (${est.trainable_percent}%)`),
-               h("div", {}, "estimated peak memory ", h("b", {}, mib(est.peak_bytes)), ` · ${est.precision} on ${est.device}`));
+               h("div", {}, "estimated peak memory ", h("b", {}, mib(est.peak_bytes)), per, ` · ${est.precision} on ${est.device}`),
+               ...(est.notes || []).map(n => h("div", {class: "sub"}, n)));
   } else if (est && est.error) box.append(h("div", {class: "sub"}, est.error));
   const sbox = $("#stats"); sbox.innerHTML = "";
   if (stats) {
@@ -216,7 +221,7 @@ $("#config-pick").addEventListener("change", async e => {
 $("#start").addEventListener("click", async () => {
   $("#start").disabled = true;
   try {
-    const r = await api("train", {values: formValues(), path: $("#config-path").value});
+    const r = await api("train", {values: formValues(), path: $("#config-path").value, processes: processes()});
     $("#start-msg").textContent = `started ${r.cli}`;
     localStorage.setItem("loraforge.run", r.dir);
     selectedRun = r.dir;
@@ -246,7 +251,7 @@ async function refreshRuns() {
     const step = r.step === undefined || r.step === null ? "" : r.total_steps ? `${r.step}/${r.total_steps}` : r.step;
     body.append(h("tr", {class: r.dir === selectedRun ? "selected" : "", "data-run": r.dir, onclick: e => {
       if (e.target.tagName === "INPUT") return; selectedRun = r.dir; localStorage.setItem("loraforge.run", r.dir); refreshRuns(); }},
-      h("td", {}, box), h("td", {}, h("code", {}, r.dir)), h("td", {}, h("span", {class: "badge " + r.status}, r.status)),
+      h("td", {}, box), h("td", {}, h("code", {}, r.dir), r.processes > 1 ? h("span", {class: "sub"}, ` × ${r.processes} processes`) : ""), h("td", {}, h("span", {class: "badge " + r.status}, r.status)),
       h("td", {}, step), h("td", {}, r.status === "running" ? (r.eta || "") : ""),
       h("td", {}, r.tokens_per_s ? Math.round(r.tokens_per_s) : ""), h("td", {}, r.loss ? r.loss.toFixed(4) : ""),
       h("td", {}, r.checkpoints ? `${r.checkpoints} ckpt` : "")));
@@ -263,7 +268,8 @@ async function refreshDetail(run) {
   $("#run-title").replaceChildren(h("code", {}, info.dir), " ", h("span", {class: "badge " + info.status}, info.status),
     info.step !== undefined ? ` step ${info.step}${info.total_steps ? "/" + info.total_steps : ""}` : "",
     info.status === "running" && info.eta ? ` · ETA ${info.eta}` : "",
-    info.tokens_per_s ? ` · ${Math.round(info.tokens_per_s)} tokens/s` : "");
+    info.tokens_per_s ? ` · ${Math.round(info.tokens_per_s)} tokens/s` : "",
+    info.processes > 1 ? ` · ${info.processes} processes` : "");
   $("#run-stop").disabled = info.status !== "running";
   $("#run-resume").disabled = info.status === "running" || !info.checkpoints || info.status === "finished";
   const log = $("#run-log"); const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 8;
@@ -301,7 +307,10 @@ async function refreshAdapters() {
       h("input", {type: "checkbox", value: r.dir, checked: was.has(r.dir)}), h("code", {}, r.dir), ` (${r.status})`)));
     if (!withWeights.length) box.append(h("span", {class: "sub"}, "no runs yet"));
   }
-  $("#export-run").replaceChildren(...runs.filter(r => r.status === "finished").map(r => h("option", {value: r.dir}, r.dir)));
+  const was = $("#export-run").value;
+  $("#export-run").replaceChildren(...runs.filter(r => r.status === "finished").map(r => h("option", {value: r.dir, selected: r.dir === was}, r.dir)));
+  exportTarget();
+  refreshJobs();
 }
 
 $("#chat-send").addEventListener("click", async () => {
@@ -341,16 +350,74 @@ $("#chat-send").addEventListener("click", async () => {
 });
 
 // ------------------------------------------------------------------ evaluate and export
-let jobTimer = null;
+let jobTimer = null, exportInfo = {targets: [], quant_targets: [], quants: []};
+
+function fmtNum(v, signed) {
+  if (v === null || v === undefined) return "–";
+  return (signed && v > 0 ? "+" : "") + v.toFixed(3);
+}
+
+function evalTable(ev) {
+  const adapters = ev.variants.slice(1);
+  const head = h("tr", {}, h("th", {}, "metric"), ...ev.variants.map(v => h("th", {}, v)), ...adapters.map(a => h("th", {}, "Δ " + a)));
+  const rows = ev.metrics.map(m => h("tr", {},
+    h("td", {}, m.label, h("span", {class: "sub"}, m.lower_is_better ? " ↓" : " ↑")),
+    ...ev.variants.map(v => h("td", {class: "num" + (v === m.best && ev.variants.length > 1 ? " best" : "")}, fmtNum(m.values[v]))),
+    ...adapters.map(a => {
+      const d = m.deltas[a];
+      const better = d === null || d === undefined || d === 0 ? "" : (m.lower_is_better ? d < 0 : d > 0) ? " up" : " down";
+      return h("td", {class: "num delta" + better}, fmtNum(d, true));
+    })));
+  const examples = ev.examples.map(ex => h("tr", {}, h("td", {}, ex.prompt), h("td", {}, ex.references.join(" / ")),
+    ...ev.variants.map(v => h("td", {}, ex.outputs[v]))));
+  return [h("p", {class: "sub"}, `${ev.n_examples} examples of ${ev.data} · Δ = adapter − base; green: better than the base`),
+          h("table", {class: "eval"}, h("thead", {}, head), h("tbody", {}, rows)),
+          h("h3", {}, `first ${ev.examples.length} examples`),
+          h("table", {class: "eval examples"}, h("thead", {}, h("tr", {}, h("th", {}, "prompt"), h("th", {}, "reference"), ...ev.variants.map(v => h("th", {}, v)))),
+            h("tbody", {}, examples))];
+}
+
+function kib(b) { return b >= 2 ** 20 ? mib(b) : (b / 1024).toFixed(1) + " KiB"; }
+
 async function watchJob(id) {
   clearTimeout(jobTimer);
   const job = await api("job?id=" + id).catch(e => ({log: e.message}));
-  $("#job-title").textContent = `${job.kind || "job"} → ${job.target || ""} ` + (job.running ? "(running)" : job.exit_code === 0 ? "(done)" : job.exit_code !== undefined && job.exit_code !== null ? `(failed: exit ${job.exit_code})` : "");
-  $("#job-log").textContent = job.log || "";
+  const state = job.running ? "running" : job.exit_code === 0 ? "finished" : job.exit_code !== undefined && job.exit_code !== null ? "failed" : "";
+  const secs = job.started ? Math.round(((job.ended || Date.now() / 1000) - job.started)) : null;
+  $("#job-title").replaceChildren(`${job.kind || "job"} → `, h("code", {}, job.target || ""), " ",
+    state ? h("span", {class: "badge " + state}, state + (state === "failed" ? ` (exit ${job.exit_code})` : "")) : "",
+    secs !== null ? h("span", {class: "sub"}, ` ${secs} s`) : "");
+  const bar = $("#job-progress");
+  bar.style.display = job.running ? "" : "none";
+  bar.classList.toggle("indeterminate", job.running && !job.progress);
+  $(".bar", bar).style.width = job.progress ? job.progress.percent + "%" : "30%";
+  $(".label", bar).textContent = job.progress ? `${job.progress.percent}% · ${job.progress.label}` : "working…";
+  const log = $("#job-log"); log.textContent = job.log || ""; log.scrollTop = log.scrollHeight;
   $("#job-report").textContent = job.report || "";
-  $("#job-report").style.display = job.report ? "" : "none";
-  if (job.running) jobTimer = setTimeout(() => watchJob(id), 1500);
+  $("#job-report-box").style.display = job.report ? "" : "none";
+  $("#job-eval").replaceChildren(...(job.eval ? evalTable(job.eval) : []));
+  $("#job-files").replaceChildren(...(job.files || []).map(f => h("li", {}, h("code", {}, f.name), " ", h("span", {class: "sub"}, kib(f.bytes)))));
+  if (job.running) jobTimer = setTimeout(() => watchJob(id), 1000);
+  else refreshJobs();
 }
+
+async function refreshJobs() {
+  const jobs = await api("jobs").catch(() => []);
+  $("#jobs-list").replaceChildren(...jobs.filter(j => j.kind !== "train").reverse().map(j => h("li", {onclick: () => watchJob(j.id)},
+    h("code", {}, j.kind), " → ", h("code", {}, j.target), " ",
+    h("span", {class: "badge " + (j.running ? "running" : j.exit_code === 0 ? "finished" : "failed")}, j.running ? "running" : j.exit_code === 0 ? "done" : "failed"))));
+}
+
+function exportTarget() {
+  const to = $("#export-to").value;
+  const t = exportInfo.targets.find(t => t.name === to);
+  $("#export-help").textContent = t ? t.help : "";
+  $("#export-quant-box").style.display = exportInfo.quant_targets.includes(to) ? "" : "none";
+  const run = ($("#export-run").value || "RUN").split("/").pop();
+  $("#export-out").placeholder = `exports/${run}-${to}`;
+}
+$("#export-to").addEventListener("change", exportTarget);
+$("#export-run").addEventListener("change", exportTarget);
 
 $("#eval-start").addEventListener("click", async () => {
   try {
@@ -361,14 +428,18 @@ $("#eval-start").addEventListener("click", async () => {
 });
 $("#export-start").addEventListener("click", async () => {
   try {
-    const r = await api("export", {dir: $("#export-run").value, to: $("#export-to").value, out: $("#export-out").value || null});
+    const to = $("#export-to").value;
+    const r = await api("export", {dir: $("#export-run").value, to, out: $("#export-out").value || null,
+      quant: exportInfo.quant_targets.includes(to) ? $("#export-quant").value : null});
     watchJob(r.job);
   } catch (e) { $("#job-log").textContent = e.message; }
 });
 
 (async function init() {
-  const ex = await api("exports").catch(() => ({targets: ["merge"]}));
-  $("#export-to").replaceChildren(...ex.targets.map(t => h("option", {value: t}, t)));
+  exportInfo = await api("exports").catch(() => ({targets: [{name: "merge", help: ""}], quant_targets: [], quants: []}));
+  $("#export-to").replaceChildren(...exportInfo.targets.map(t => h("option", {value: t.name, title: t.help}, t.name)));
+  $("#export-quant").replaceChildren(...exportInfo.quants.map(q => h("option", {value: q}, q)));
+  exportTarget();
   methodFields();
   showView();
   await loadPickers().catch(() => {});
