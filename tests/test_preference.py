@@ -170,3 +170,44 @@ def test_precomputed_reference_equals_the_live_one(tmp_path, model_dir):
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
     assert results[0][0].item() != pytest.approx(3 * 0.6931471805599453, abs=1e-4)  # the policy did move
+
+
+def test_a_second_run_reads_the_pairs_from_the_tokenized_cache(tmp_path, model_dir, monkeypatch):
+    """The same cache SFT uses (same key recipe, plus the kind of rows): a second build tokenizes nothing."""
+    import loraforge.data.preference as preference
+    from loraforge.data.dataset import build_datasets
+    from loraforge.models.loader import load_tokenizer
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    tokenizer = load_tokenizer(model_dir)
+    data = write(tmp_path / "p.jsonl", PAIRS)
+    keys = dict(stage="dpo", tokenized_cache=True, val_size=2)
+    first = preference.build_preference_data(cfg(tmp_path, data, model_dir, **keys), tokenizer)
+    entries = list((tmp_path / "cache" / "tokenized").glob("*/bundle.json"))
+    assert not first.cache_hit and len(entries) == 1
+
+    def no_tokenizing(*_a, **_k):
+        raise AssertionError("tokenized again")
+
+    with monkeypatch.context() as m:
+        m.setattr(preference, "encode_side", no_tokenizing)
+        second = preference.build_preference_data(cfg(tmp_path, data, model_dir, stage="simpo", tokenized_cache=True,
+                                                      val_size=2), tokenizer)  # simpo reads the same pairs
+    assert second.cache_hit and (second.train, second.val, second.stats) == (first.train, first.val, first.stats)
+    # another encoding option, KTO rows, or SFT on the same file: their own entries, never the pairs'
+    assert not preference.build_preference_data(cfg(tmp_path, data, model_dir, **keys, cutoff_len=300),
+                                                tokenizer).cache_hit
+    kto = write(tmp_path / "k.jsonl", [{"instruction": f"Q{i}?", "output": f"A{i}.", "label": i % 2 == 0}
+                                       for i in range(6)])
+    kto_first = preference.build_preference_data(cfg(tmp_path, kto, model_dir, stage="kto", tokenized_cache=True),
+                                                 tokenizer)
+    kto_again = preference.build_preference_data(cfg(tmp_path, kto, model_dir, stage="kto", tokenized_cache=True),
+                                                 tokenizer)
+    assert not kto_first.cache_hit and kto_again.cache_hit and kto_again.train == kto_first.train
+    sft_rows = write(tmp_path / "s.jsonl", [{"instruction": "Q?", "output": "A."}] * 3)
+    sft = build_datasets(cfg(tmp_path, sft_rows, model_dir, tokenized_cache=True), tokenizer)
+    assert not sft.cache_hit and build_datasets(cfg(tmp_path, sft_rows, model_dir, tokenized_cache=True),
+                                                tokenizer).cache_hit
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*/bundle.json"))) == 4
+    entries[0].write_text("{damaged", encoding="utf-8")  # rebuilt, never trusted
+    assert not preference.build_preference_data(cfg(tmp_path, data, model_dir, **keys), tokenizer).cache_hit
