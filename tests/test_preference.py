@@ -136,6 +136,18 @@ def test_training_logs_reward_metrics_and_records_the_stage(stage, method, refer
             train_rec[-1]["rewards/chosen"] - train_rec[-1]["rewards/rejected"], abs=1e-6)
     info = json.loads((out / "run.json").read_text())
     assert info["stage"] == stage and info["objective"] == stage and result.global_step == 4
+    # the same metrics in TensorBoard, and loss.png has the reward panel below the loss (a second row)
+    from matplotlib.image import imread
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert keys | {"loss"} <= tags and {k.replace("val_", "val/") for k in val_keys} <= tags
+    assert {e.step: e.value for e in acc.Scalars("rewards/chosen")} == pytest.approx(
+        {r["step"]: r["rewards/chosen"] for r in train_rec}, rel=1e-6)
+    height, width = imread(out / "loss.png").shape[:2]
+    assert (height, width) == (700, 700)  # 7 × 7 in at 100 dpi; a loss-only plot is 7 × 4
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     assert (out / weights).is_file() and (out / "checkpoint-2").is_dir()
 
@@ -170,3 +182,85 @@ def test_precomputed_reference_equals_the_live_one(tmp_path, model_dir):
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
     assert results[0][0].item() != pytest.approx(3 * 0.6931471805599453, abs=1e-4)  # the policy did move
+
+
+def test_a_second_run_reads_the_pairs_from_the_tokenized_cache(tmp_path, model_dir, monkeypatch):
+    """The same cache SFT uses (same key recipe, plus the kind of rows): a second build tokenizes nothing."""
+    import loraforge.data.preference as preference
+    from loraforge.data.dataset import build_datasets
+    from loraforge.models.loader import load_tokenizer
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    tokenizer = load_tokenizer(model_dir)
+    data = write(tmp_path / "p.jsonl", PAIRS)
+    keys = dict(stage="dpo", tokenized_cache=True, val_size=2)
+    first = preference.build_preference_data(cfg(tmp_path, data, model_dir, **keys), tokenizer)
+    entries = list((tmp_path / "cache" / "tokenized").glob("*/bundle.json"))
+    assert not first.cache_hit and len(entries) == 1
+
+    def no_tokenizing(*_a, **_k):
+        raise AssertionError("tokenized again")
+
+    with monkeypatch.context() as m:
+        m.setattr(preference, "encode_side", no_tokenizing)
+        second = preference.build_preference_data(cfg(tmp_path, data, model_dir, stage="simpo", tokenized_cache=True,
+                                                      val_size=2), tokenizer)  # simpo reads the same pairs
+    assert second.cache_hit and (second.train, second.val, second.stats) == (first.train, first.val, first.stats)
+    # another encoding option, KTO rows, or SFT on the same file: their own entries, never the pairs'
+    assert not preference.build_preference_data(cfg(tmp_path, data, model_dir, **keys, cutoff_len=300),
+                                                tokenizer).cache_hit
+    kto = write(tmp_path / "k.jsonl", [{"instruction": f"Q{i}?", "output": f"A{i}.", "label": i % 2 == 0}
+                                       for i in range(6)])
+    kto_first = preference.build_preference_data(cfg(tmp_path, kto, model_dir, stage="kto", tokenized_cache=True),
+                                                 tokenizer)
+    kto_again = preference.build_preference_data(cfg(tmp_path, kto, model_dir, stage="kto", tokenized_cache=True),
+                                                 tokenizer)
+    assert not kto_first.cache_hit and kto_again.cache_hit and kto_again.train == kto_first.train
+    sft_rows = write(tmp_path / "s.jsonl", [{"instruction": "Q?", "output": "A."}] * 3)
+    sft = build_datasets(cfg(tmp_path, sft_rows, model_dir, tokenized_cache=True), tokenizer)
+    assert not sft.cache_hit and build_datasets(cfg(tmp_path, sft_rows, model_dir, tokenized_cache=True),
+                                                tokenizer).cache_hit
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*/bundle.json"))) == 4
+    entries[0].write_text("{damaged", encoding="utf-8")  # rebuilt, never trusted
+    assert not preference.build_preference_data(cfg(tmp_path, data, model_dir, **keys), tokenizer).cache_hit
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_an_interrupted_dpo_run_resumes_exactly(method, tmp_path, model_dir):
+    """Checkpoint at step 3, the rest lost: resuming gives the uninterrupted run's per-step losses and rewards and
+    its final weights. With `full` the frozen reference must stay the starting model, not the checkpoint's."""
+    import shutil
+
+    from loraforge.train.loop import train
+
+    data = write(tmp_path / "d.jsonl", PAIRS)
+    keys = dict(stage="dpo", method=method, max_steps=6, batch_size=2, logging_steps=1, save_steps=3,
+                learning_rate=1e-3 if method == "lora" else 1e-4, lr_scheduler="cosine", report_to=["none"],
+                plot_loss=False)
+    ref_run = cfg(tmp_path / "a", data, model_dir, **keys)
+    train(ref_run, echo=lambda _m: None)
+    out = Path(ref_run.output_dir)
+    resumed = tmp_path / "b" / "out"
+    shutil.copytree(out, resumed)
+    weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    shutil.rmtree(resumed / "checkpoint-6")
+    (resumed / weights).unlink()
+    (resumed / "run.json").unlink()
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # logged one step past the checkpoint
+    train(cfg(tmp_path / "b", data, model_dir, **keys, resume_from_checkpoint="latest", overwrite_output_dir=False),
+          echo=lambda _m: None)
+
+    def logged(run_dir):
+        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["rewards/margins"], r["rewards/accuracies"]) for r in recs if "loss" in r]
+
+    a, b = logged(out), logged(resumed)
+    assert [s for s, *_ in b] == list(range(1, 7))
+    assert a[3][2] != 0  # the policy has moved off the reference by step 4: a wrong reference would show
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-5)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(out / weights), load_file(resumed / weights)
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-5

@@ -187,9 +187,11 @@ def _encode_all(cfg: Any, tokenizer: Any, rows: list[tuple[str, list[Message]]],
 # ---------------------------------------------------------------------------------------------- cache
 
 
-def tokenized_cache_dir(cfg: Any, tokenizer: Any, files: list[Path], val_file: Path | None) -> Path:
+def tokenized_cache_dir(cfg: Any, tokenizer: Any, files: list[Path], val_file: Path | None,
+                        rows: str | None = None) -> Path:
     """``cache_root()/tokenized/<key>``: the key changes with the data bytes, the tokenizer and any option that
-    changes the encoding or the split."""
+    changes the encoding or the split. `rows` names another kind of encoded rows than SFT's (preference pairs,
+    KTO rows): it enters the key, so one data file read as both never shares an entry."""
     from loraforge.models.gguf import cache_root
 
     h = hashlib.sha256()
@@ -199,6 +201,8 @@ def tokenized_cache_dir(cfg: Any, tokenizer: Any, files: list[Path], val_file: P
         "train_on_prompt": cfg.train_on_prompt, "system_prompt": cfg.system_prompt, "val_size": cfg.val_size,
         "seed": cfg.seed if cfg.val_size > 0 else None,  # the seed only matters for a held-out split
     }
+    if rows is not None:  # SFT keys stay as they were
+        options["rows"] = rows
     h.update(json.dumps(options, sort_keys=True).encode())
     for label, path in [("train", f) for f in files] + ([("val", val_file)] if val_file else []):
         h.update(f"{label}:{path}:".encode())
@@ -229,36 +233,44 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_cache_payload(cache_dir: Path) -> dict | None:
+    """The entry's JSON (format checked), or None: missing, of another format, or damaged (rebuilt, never
+    trusted)."""
+    try:
+        data = json.loads((cache_dir / "bundle.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == CACHE_FORMAT else None
+
+
+def write_cache_payload(cache_dir: Path, payload: dict) -> None:
+    """Write atomically (temp file + rename) so a crash or a parallel run never leaves half a file."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_open(cache_dir / "bundle.json") as f:
+            json.dump({"format": CACHE_FORMAT, **payload}, f, separators=(",", ":"))
+    except OSError as e:  # a read-only or full cache disk must not stop training
+        warnings.warn(f"could not write the tokenized cache to {cache_dir}: {e}", stacklevel=2)
+
+
 def _read_cache(cache_dir: Path) -> DataBundle | None:
-    path = cache_dir / "bundle.json"
-    if not path.is_file():
+    data = read_cache_payload(cache_dir)
+    if data is None:
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != CACHE_FORMAT:
-            return None
-
         def examples(items):
             return None if items is None else [Encoded(e["input_ids"], e["labels"], e["source"]) for e in items]
 
         return DataBundle(examples(data["train"]), examples(data["val"]), DataStats.from_dict(data["stats"]),
                           cache_hit=True)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None  # a damaged entry is rebuilt, never trusted
 
 
 def _write_cache(cache_dir: Path, bundle: DataBundle) -> None:
-    """Write atomically (temp file + rename) so a crash or a parallel run never leaves half a file."""
-
     def examples(items):
         return None if items is None else [{"input_ids": e.input_ids, "labels": e.labels, "source": e.source}
                                            for e in items]
 
-    payload = {"format": CACHE_FORMAT, "stats": bundle.stats.to_dict(), "train": examples(bundle.train),
-               "val": examples(bundle.val)}
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_open(cache_dir / "bundle.json") as f:
-            json.dump(payload, f, separators=(",", ":"))
-    except OSError as e:  # a read-only or full cache disk must not stop training
-        warnings.warn(f"could not write the tokenized cache to {cache_dir}: {e}", stacklevel=2)
+    write_cache_payload(cache_dir, {"stats": bundle.stats.to_dict(), "train": examples(bundle.train),
+                                    "val": examples(bundle.val)})

@@ -13,6 +13,9 @@ Row shapes (one JSON object per line, .json arrays and .csv as for SFT):
 Every side is encoded by the SFT template's one masking function (`templates.encode_conversation`): the prompt
 messages plus that side as the final assistant reply, so prompt tokens carry no label and only the reply (with
 its end-of-turn token) is scored. A pair's two sides become one example: both are packed into one row.
+
+Encoded examples go to SFT's tokenized cache (`data/dataset.py`), keyed the same way plus the kind of rows
+(pairs or KTO rows), so a second run with unchanged data, tokenizer and options does not tokenize again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.data.checks import DataStats, length_percentiles
+from loraforge.data.dataset import (check_val_options, read_cache_payload, split_rows, tokenized_cache_dir,
+                                    write_cache_payload)
 from loraforge.data.formats import (SHAREGPT_ROLES, Row, _chat_messages, _raise_if, check_messages,
                                     resolve_train_files, _read_rows)
 from loraforge.data.templates import IGNORE_INDEX, Encoded, Message, encode_conversation
@@ -262,10 +267,14 @@ def build_preference_data(cfg: Any, tokenizer: Any) -> PreferenceBundle:
     Raises:
         DataError: bad rows (all listed with file:line), a bad split, or no usable example.
     """
-    from loraforge.data.dataset import check_val_options, split_rows
-
     files = resolve_train_files(cfg)
     val_file = check_val_options(cfg)
+    cache_dir = None
+    if cfg.tokenized_cache:  # SFT's cache, keyed the same way, plus the kind of rows
+        cache_dir = tokenized_cache_dir(cfg, tokenizer, files, val_file, rows="kto" if cfg.stage == "kto" else "pairs")
+        cached = _from_payload(read_cache_payload(cache_dir))
+        if cached is not None:
+            return cached
     problems: list[Problem] = []
     train_rows: list[PrefRow] = []
     val_rows = None
@@ -303,7 +312,48 @@ def build_preference_data(cfg: Any, tokenizer: Any) -> PreferenceBundle:
         if not val:
             raise DataError([Problem("val_file" if val_file else "val_size", "no usable validation example",
                                      fix="raise cutoff_len")])
-    return PreferenceBundle(train, val, stats)
+    bundle = PreferenceBundle(train, val, stats)
+    if cache_dir is not None:
+        write_cache_payload(cache_dir, _to_payload(bundle))
+    return bundle
+
+
+# ---------------------------------------------------------------------------------------------- cache entries
+
+
+def _encoded(e: Encoded) -> dict:
+    return {"input_ids": e.input_ids, "labels": e.labels, "source": e.source}
+
+
+def _example_dict(ex: PairExample | KtoExample) -> dict:
+    if isinstance(ex, KtoExample):
+        return {"encoded": _encoded(ex.encoded), "prompt_len": ex.prompt_len, "desirable": ex.desirable,
+                "source": ex.source}
+    return {"chosen": _encoded(ex.chosen), "rejected": _encoded(ex.rejected), "source": ex.source}
+
+
+def _example(d: dict) -> PairExample | KtoExample:
+    enc = lambda e: Encoded(e["input_ids"], e["labels"], e["source"])  # noqa: E731
+    if "encoded" in d:
+        return KtoExample(enc(d["encoded"]), int(d["prompt_len"]), bool(d["desirable"]), d["source"])
+    return PairExample(enc(d["chosen"]), enc(d["rejected"]), d["source"])
+
+
+def _to_payload(bundle: PreferenceBundle) -> dict:
+    return {"stats": bundle.stats.to_dict(), "train": [_example_dict(e) for e in bundle.train],
+            "val": None if bundle.val is None else [_example_dict(e) for e in bundle.val]}
+
+
+def _from_payload(data: dict | None) -> PreferenceBundle | None:
+    """The cached bundle, or None (no entry, or a damaged one: rebuilt, never trusted)."""
+    if data is None:
+        return None
+    try:
+        return PreferenceBundle([_example(d) for d in data["train"]],
+                                None if data["val"] is None else [_example(d) for d in data["val"]],
+                                DataStats.from_dict(data["stats"]), cache_hit=True)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 __all__ = ["KtoExample", "PairExample", "PrefRow", "PreferenceBundle", "build_preference_data", "encode_rows",

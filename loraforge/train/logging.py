@@ -77,10 +77,26 @@ def _record_step(line: str) -> float:
         return float("inf")
 
 
+REWARD_CURVES = ("rewards/chosen", "rewards/rejected", "rewards/margins")  # preference stages (objectives/)
+ACCURACY_CURVE = "rewards/accuracies"
+
+
+def plotted(record: dict[str, Any]) -> dict[str, Any]:
+    """The part of a logged record that loss.png draws (kept in the train state's history, so a resumed run's
+    plot is whole): the step, the loss and, for a preference stage, its rewards and reward accuracy."""
+    keys = ("loss", *REWARD_CURVES, ACCURACY_CURVE)
+    return {k: v for k, v in record.items() if k == "step" or k.removeprefix("val_") in keys}
+
+
+def _series(history: list[dict], key: str) -> list[tuple[float, float]]:
+    return [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
+
+
 def plot_loss(history: list[dict], out_png: Path) -> Path | None:
-    """Train and validation loss against the optimizer step."""
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    """Train and validation loss against the optimizer step; for a preference stage, a second panel with the
+    rewards (chosen, rejected, margins) and the reward accuracy, train lines and validation markers."""
+    train = _series(history, "loss")
+    val = _series(history, "val_loss")
     if not train and not val:
         return None
     import matplotlib
@@ -88,15 +104,39 @@ def plot_loss(history: list[dict], out_png: Path) -> Path | None:
     matplotlib.use("Agg")  # no display; must be set before pyplot is imported
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    rewards = any(_series(history, k) for k in (*REWARD_CURVES, ACCURACY_CURVE))
+    fig, axes = plt.subplots(2 if rewards else 1, 1, figsize=(7, 7 if rewards else 4), dpi=100, sharex=True,
+                             squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss")
     if val:
         ax.plot(*zip(*val), marker="o", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean per trained token)")
+    ax.set_ylabel("loss" if rewards else "loss (mean per trained token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if rewards:
+        ax = axes[1][0]
+        acc = ax.twinx()
+        for k in REWARD_CURVES:
+            name = k.split("/")[1]
+            if _series(history, k):
+                line, = ax.plot(*zip(*_series(history, k)), label=name)
+                if _series(history, "val_" + k):
+                    ax.plot(*zip(*_series(history, "val_" + k)), marker="o", ls="none", color=line.get_color(),
+                            label=f"validation {name}")
+        for k, style in ((ACCURACY_CURVE, dict(color="black", ls="--")),
+                         ("val_" + ACCURACY_CURVE, dict(color="black", marker="s", ls="none"))):
+            if _series(history, k):
+                acc.plot(*zip(*_series(history, k)), label=k.replace("rewards/", "").replace("val_", "validation "),
+                         **style)
+        acc.set_ylim(-0.05, 1.05)
+        acc.set_ylabel("reward accuracy")
+        ax.set_ylabel("reward (β · log-ratio)")
+        ax.grid(alpha=0.3)
+        handles = ax.get_legend_handles_labels()[0] + acc.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize="small", loc="upper left")
+    axes[-1][0].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

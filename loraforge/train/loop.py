@@ -26,7 +26,7 @@ from loraforge.train.checkpoint import TrainState, clean_partial, list_checkpoin
 from loraforge.train.engine import (TrainingDiverged, TrainingInterrupted, accumulate, catch_stop_signals, diverged,
                                     due, seed_everything, stop_requested, stop_signal, update)
 from loraforge.train.lock import holds_output_dir
-from loraforge.train.logging import RunLogger, plot_loss
+from loraforge.train.logging import RunLogger, plot_loss, plotted
 
 
 @dataclass
@@ -273,7 +273,7 @@ def _record_step(run: _Run, step: _Step) -> None:
                   "tokens_per_s": window["tokens"] / max(time.time() - window["t"], 1e-9),
                   **step_metrics(run.loss_model, run.accelerator)}  # the objective's own (rewards, margins…)
         run.logger.log(record)
-        state.history.append({"step": record["step"], "loss": record["loss"]})
+        state.history.append(plotted(record))
         run.window = _new_window()
 
 
@@ -326,7 +326,7 @@ def _evaluate(cfg, state, setup, loss_model, accelerator, logger, run_dir, save_
         with accelerator.autocast():  # as in training: frozen LoRA base weights may be stored in bf16
             record.update(setup.score_generations(accelerator.unwrap_model(loss_model).model, cfg))
     logger.log(record)
-    state.history.append({"step": state.global_step, "val_loss": val_loss})
+    state.history.append(plotted(record))
     logger.write(f"step {state.global_step}: val_loss {val_loss:.4f}")
     if state.best_val_loss is None or val_loss < state.best_val_loss - 1e-6:
         state.best_val_loss, state.best_step, state.evals_without_improvement = val_loss, state.global_step, 0
