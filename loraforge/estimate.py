@@ -94,7 +94,8 @@ def estimate_memory(cfg: RunConfig, *, baseline_bytes: int | None = None, device
             Under FSDP2 each process keeps 1/N of every weight, gradient and AdamW moment, plus the whole
             weights that are gathered at a time: the root's (embeddings, final norm, LM head — all of a step
             long, since the loss module is the root) and two decoder layers (the current and the prefetched).
-            Activations are per process and do not shrink.
+            Activations are per process and do not shrink. Under DDP each process holds everything, plus a
+            second copy of the gradients in DDP's all-reduce buckets.
 
     Raises:
         ModelError / PreflightError / ConfigError: the model cannot be resolved or does not fit the config.
@@ -151,7 +152,13 @@ def estimate_memory(cfg: RunConfig, *, baseline_bytes: int | None = None, device
         est.notes.append(f"FSDP2 over {processes} processes: per-process figures (each holds 1/{processes} of the "
                          f"weights and trainable state, plus {gathered / MiB:,.0f} MiB gathered at a time)")
     elif processes > 1:
-        est.notes.append(f"DDP over {processes} processes: each holds the whole model; figures are per process")
+        # DDP's reducer copies every gradient into its flat all-reduce buckets (accelerate keeps torch's default
+        # gradient_as_bucket_view=False): a second copy of the gradients (measured: +460 MiB on SmolLM2 full
+        # fine-tuning, whose gradients are 513 MiB; benchmarks/fsdp_memory.py)
+        buckets = method.new_params * 4 + trainable_base * w_bytes
+        est.trainable_state_bytes += buckets
+        est.notes.append(f"DDP over {processes} processes: each holds the whole model, plus DDP's gradient buckets "
+                         f"({buckets / MiB:,.0f} MiB, in grads + AdamW state); figures are per process")
     if cfg.attn_implementation == "eager":
         est.notes.append("eager attention keeps [heads × T × T] scores per layer: included in activations")
     _reference_cost(cfg, est)

@@ -162,6 +162,8 @@ def _prepare(cfg: RunConfig, echo: Callable[[str], None]) -> _Run:
         _load_weights(model, resume_from)  # before sharding: every process loads the whole (consolidated) weights
 
     if sharding.fsdp and accelerator.num_processes > 1:
+        if accelerator.device.type == "cpu" and not malloc_tuned:
+            sh.return_freed_buffers_to_the_os()  # else the per-layer gather buffers pile up in the heap
         say(sh.shard(loss_model, model, sharding, accelerator.device))
     optimizer = build_optimizer(model, cfg)  # after sharding: FSDP2 optimizer state is sharded with the params
     scheduler = build_scheduler(optimizer, cfg, plan.total_steps)
