@@ -80,6 +80,7 @@ def run_preflight(cfg: RunConfig, echo: Callable[[str], None] = print, *, show_d
         problems += _stage_checks(cfg)
         _collect(problems, _batching_check, cfg, report)
     problems += _precision_problems(cfg)
+    problems += _sharding_problems(cfg)
     problems += _output_problems(cfg)
     _collect(problems, _data_checks, cfg, report, model_ok=hf_config is not None)
     if problems:
@@ -225,6 +226,15 @@ def _batching_check(cfg: RunConfig, report: PreflightReport) -> None:
     if cfg.task_type is TaskType.TEXT_TO_IMAGE or report.model_dir is None:
         return
     report.batching = choose_batching(cfg, report.model_dir)
+
+
+def _sharding_problems(cfg: RunConfig) -> list[Problem]:
+    """`sharding: fsdp2` with a method or option FSDP2 cannot run: said before any process starts."""
+    if getattr(cfg, "sharding", "ddp") != "fsdp2":
+        return []
+    from loraforge.train.sharding_checks import fsdp_problems
+
+    return fsdp_problems(cfg)
 
 
 def _precision_problems(cfg: RunConfig) -> list[Problem]:

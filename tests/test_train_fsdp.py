@@ -238,3 +238,12 @@ def test_fsdp2_refuses_qlora_fsdp1_and_generation_metrics_with_the_reason(tiny_l
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
     s = sharding_for(make_cfg(tiny_llama, rows_file, tmp_path))
     assert s.fsdp and not s.reshard_after_forward
+
+
+def test_validate_refuses_what_fsdp2_cannot_run_before_any_process_starts(tiny_llama, rows_file, tmp_path):
+    from loraforge.preflight import PreflightError, run_preflight
+
+    with pytest.raises(PreflightError) as err:
+        run_preflight(make_cfg(tiny_llama, rows_file, tmp_path, sharding="fsdp2", method="qlora"), echo=lambda _: None)
+    assert [p.key for p in err.value.problems] == ["method"] and "Params4bit" in str(err.value)
+    run_preflight(make_cfg(tiny_llama, rows_file, tmp_path, sharding="fsdp2"), echo=lambda _: None)  # lora: fine

@@ -27,7 +27,8 @@ import torch
 
 from loraforge.errors import ConfigError, Problem
 
-FSDP_METHODS = ("lora", "full", "freeze")  # verified under FSDP2 (tests/test_train_fsdp.py)
+# What FSDP2 refuses lives in a torch-free module so that preflight can ask it too.
+from loraforge.train.sharding_checks import FSDP_METHODS, fsdp_problems  # noqa: E402
 
 
 @dataclass
@@ -78,32 +79,6 @@ def sharding_for(cfg) -> Sharding:
     if problems:
         raise ConfigError(problems, title=f"FSDP2 ({source}) cannot run this config")
     return sharding
-
-
-def fsdp_problems(cfg) -> list[Problem]:
-    """What FSDP2 refuses, with the reason (also run by preflight)."""
-    from loraforge.methods import METHODS
-
-    problems = []
-    record = METHODS.get(cfg.method)
-    if record is not None and record.quantizes_base:  # QLoRA
-        problems.append(Problem(
-            "method", "QLoRA's 4-bit base weights cannot be sharded by FSDP2 here", value="qlora",
-            allowed=", ".join(FSDP_METHODS),
-            fix="bitsandbytes keeps each 4-bit weight as a packed Params4bit with a separate quant_state, which "
-                "fully_shard cannot split (it needs a plain tensor per parameter; the bnb_4bit_quant_storage "
-                "trick is CUDA-only) and the CPU 4-bit kernels repack weights per process; use `method: lora` "
-                "with FSDP2, or QLoRA with DDP (each process holds the whole 4-bit base)"))
-    elif cfg.method not in FSDP_METHODS:
-        problems.append(Problem("method", "not verified under FSDP2", value=cfg.method,
-                                allowed=", ".join(FSDP_METHODS), fix="use DDP for this method (its weights are small)"))
-    if getattr(cfg, "eval_generation_metric", None):
-        problems.append(Problem("eval_generation_metric", "generation during validation runs on rank 0 alone, "
-                                "but every FSDP2 forward needs all processes", value=cfg.eval_generation_metric,
-                                fix="remove eval_generation_metric (the validation loss still runs) or use DDP"))
-    if getattr(cfg, "torch_compile", False):
-        problems.append(Problem("torch_compile", "not verified under FSDP2", value=True, fix="set torch_compile: false"))
-    return problems
 
 
 @contextlib.contextmanager

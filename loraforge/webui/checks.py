@@ -62,7 +62,7 @@ def launch_config_problems(cfg: Any) -> list[Problem]:
     """What `sharding: fsdp2` refuses for this config (the trainer would refuse it at start)."""
     if cfg.sharding != "fsdp2":
         return []
-    from loraforge.train.sharding import fsdp_problems
+    from loraforge.train.sharding_checks import fsdp_problems
 
     return fsdp_problems(cfg)
 
