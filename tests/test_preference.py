@@ -264,3 +264,25 @@ def test_an_interrupted_dpo_run_resumes_exactly(method, tmp_path, model_dir):
 
     wa, wb = load_file(out / weights), load_file(resumed / weights)
     assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-5
+
+
+@pytest.mark.parametrize("reference", ["auto", "precomputed"])
+def test_dpo_continued_from_an_sft_checkpoint_uses_that_model_as_its_reference(reference, tmp_path, model_dir):
+    """The article's flow: SFT (full), then DPO started from that checkpoint (other data, so continued training).
+    The reference must be the SFT model the policy starts from: before the first update chosen and rejected
+    rewards are exactly 0. Built from the base instead, they would not be."""
+    from loraforge.train.loop import train
+
+    sft = write(tmp_path / "sft.jsonl", [{"instruction": f"Question {i}?", "output": f"Wrong {i}!"} for i in range(8)])
+    train(cfg(tmp_path / "sft", sft, model_dir, method="full", max_steps=4, batch_size=2, learning_rate=1e-3,
+              save_steps=4, report_to=["none"], plot_loss=False), echo=lambda _m: None)
+    ckpt = tmp_path / "sft" / "out" / "checkpoint-4"
+    data = write(tmp_path / "d.jsonl", PAIRS)
+    lines: list[str] = []
+    train(cfg(tmp_path / "dpo", data, model_dir, stage="dpo", method="full", pref_reference=reference, max_steps=1,
+              batch_size=2, logging_steps=1, learning_rate=1e-4, report_to=["none"], plot_loss=False,
+              resume_from_checkpoint=str(ckpt)), echo=lines.append)
+    assert any("continuing from the weights" in line for line in lines)
+    first = json.loads((tmp_path / "dpo" / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0, abs=1e-6)

@@ -154,9 +154,10 @@ def _prepare(cfg: RunConfig, echo: Callable[[str], None]) -> _Run:
         cfg = _continue_from(cfg, continued_from)
         say(f"continuing from the weights of {continued_from}: it was trained on other data, so this is a new run "
             "on this data with a fresh optimizer and schedule (recorded in run.json as continued_from)")
-    model, loss_model, report = build_model(cfg, setup.model_dir, setup.tokenizer, say, setup.data)
-    if continued_from is not None and cfg.init_adapter is None:
-        _load_weights(model, continued_from)  # a full / freeze run: the checkpoint holds the model itself
+    start_from = None
+    if continued_from is not None and cfg.init_adapter is None:  # a full / freeze run: the checkpoint holds the model
+        start_from = lambda m: _load_weights(m, continued_from)  # noqa: E731
+    model, loss_model, report = build_model(cfg, setup.model_dir, setup.tokenizer, say, setup.data, start_from)
     say(report.line())
     if resume_from is not None:
         _load_weights(model, resume_from)  # before sharding: every process loads the whole (consolidated) weights

@@ -18,9 +18,14 @@ from loraforge.train.attention import VARLEN, attention_for, register_varlen_att
 from loraforge.train.precision import autocast_dtype, resolve_precision
 
 
-def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str], None], data=None):
+def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str], None], data=None,
+                start_from: Callable[[torch.nn.Module], None] | None = None):
     """Load the base, apply the method and its training steps, verify what trains, wrap it in the objective's
     loss module. Returns (model, loss module, trainable report).
+
+    `start_from` loads the weights the run starts from (a full/freeze run continued on other data) before the
+    objective sees the model: a preference objective's frozen reference (or precomputed reference log-probs) must
+    be the model training starts from, not the base it was built from.
 
     Raises:
         ConfigError: the built model does not train what the config asks for, or a method's own refusal.
@@ -38,6 +43,8 @@ def build_model(cfg: RunConfig, model_dir: Path, tokenizer, say: Callable[[str],
     if problems:
         raise ConfigError(problems, title="the built model does not train what the config asks for")
     say(report.table())
+    if start_from is not None:
+        start_from(model)
     objective = objective_for(cfg)
     loss = objective.loss(model, cfg)
     if data is not None and hasattr(loss, "prepare_data"):  # e.g. precomputed reference log-probs
