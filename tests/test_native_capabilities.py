@@ -22,7 +22,7 @@ def test_inspect_says_family_conversion_fused_and_native_names(tmp_path, monkeyp
 
     monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
     text = format_inspect(inspect_model(src("chatglm3_a")))
-    assert "architecture   GlmForCausalLM" in text
+    assert "architecture   GlmForCausalLM  (model_type `glm`, family glm, converted from `chatglm`)" in text
     assert f"converted      from {src('chatglm3_a').resolve()} (chatglm3, family `chatglm`) to GlmForCausalLM" in text
     assert "fused names    query_key_value → q_proj, k_proj, v_proj" in text
     assert "dense → o_proj" in text and "dense_h_to_4h → gate_up_proj" in text and "output_layer → lm_head" in text
@@ -37,6 +37,15 @@ def test_inspect_says_family_conversion_fused_and_native_names(tmp_path, monkeyp
     assert "c_proj → o_proj / down_proj" in qwen and "w2 → gate_proj" in qwen and "cutoff_len ≤ 8192" in qwen
     baichuan = format_inspect(inspect_model(src("baichuan2_a")))
     assert "except on lm_head" in baichuan and "NormHead" in baichuan
+
+
+def test_registry_names_what_each_remote_code_family_converts_to():
+    from loraforge.models.native import NATIVE_FAMILIES
+    from loraforge.models.registry import FAMILIES
+
+    converts = {f.name: f.converts_to for f in FAMILIES if f.converts_to}
+    assert converts == {name: fam.native_architecture for name, fam in NATIVE_FAMILIES.items()}
+    assert all(f.needs_remote_code for f in FAMILIES if f.converts_to)
 
 
 @pytest.mark.parametrize("edit, said", [({}, "converted to GlmForCausalLM"),

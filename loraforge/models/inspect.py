@@ -178,7 +178,8 @@ def format_inspect(report: InspectReport) -> str:
     lines = [
         f"model          {report.source}" + (f"  ({report.model_dir})" if str(report.model_dir) != report.source else ""),
         f"architecture   {report.architecture}  (model_type `{report.model_type}`, family "
-        f"{report.family or 'unknown to loraforge'})",
+        f"{report.family or 'unknown to loraforge'}"
+        + (f", converted from `{report.conversion.family}`" if report.conversion is not None else "") + ")",
         f"kind           {report.kind}",
         f"task types     {', '.join(report.task_types) or 'none'}",
     ]
