@@ -59,6 +59,23 @@ def test_inspect_config_only_original_says_what_it_converts_to(tmp_path, edit, s
     assert said in format_inspect(inspect_model(tmp_path / "m"))
 
 
+def test_glm4_tiktoken_tokenizer_is_refused_clearly(tmp_path):
+    """A `chatglm`-format GLM-4 checkpoint ships a tiktoken vocabulary as tokenizer.model: refused, naming it."""
+    from loraforge.errors import ModelError
+    from loraforge.models.native import convert
+
+    glm4 = tmp_path / "glm4"
+    shutil.copytree(src("chatglm3_a"), glm4)
+    (glm4 / "tokenizer.model").chmod(0o644)
+    (glm4 / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")
+    cfg = json.loads((glm4 / "config.json").read_text())
+    (glm4 / "config.json").chmod(0o644)
+    (glm4 / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "THUDM/glm-4-9b-chat", "rope_ratio": 500}))
+    with pytest.raises(ModelError, match="tiktoken vocabulary"):
+        convert(glm4, tmp_path / "out")
+    assert convert(src("chatglm3_a"), tmp_path / "ok").is_dir()  # a SentencePiece tokenizer.model is not refused
+
+
 def _train(base: Path, tmp_path: Path, **kw):
     from loraforge.config import config_from_dict
     from loraforge.train.loop import train
