@@ -169,6 +169,12 @@ def _converted_checks(cfg: RunConfig, hf_config: Any, model_dir: Path, report: P
     report.notes += rec.get("notes", [])
     report.notes += translate_targets(hf_config, cfg.target_modules)[1]
     native = hf_config.to_dict()
+    from loraforge.models.native.capabilities import method_notes, task_notes
+
+    task = getattr(cfg.task_type, "value", cfg.task_type)
+    said = method_notes(fam, native, rec.get("original_config") or {}).get(cfg.method)
+    report.notes += [f"method {cfg.method} on the converted model: {said}"] if said else []
+    report.notes += [f"task_type {task}: {task_notes(hf_config)[task]}"] if task in task_notes(hf_config) else []
     problems = []
     limit = fam.seq_limit(native)
     if limit and cfg.cutoff_len > limit[0]:

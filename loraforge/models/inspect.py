@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loraforge.config.schema import TaskType
 from loraforge.models.discovery import LinearInfo
@@ -52,6 +53,7 @@ class InspectReport:
     weights_present: bool = False
     registry_modules: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    conversion: Any = None  # models.native.capabilities.ConversionFacts for a converted ChatGLM/Baichuan/Qwen-1
 
 
 def _group_layers(layers: list[LinearInfo]) -> list[LinearGroup]:
@@ -103,6 +105,7 @@ def inspect_model(name_or_path: str | Path, trust_remote_code: bool = False) -> 
         model_type=getattr(hf_config, "model_type", "?") or "?", family=fam.name if fam else None, kind=kind,
         task_types=[t.value for t in tasks], built_for=None,
         weights_present=any(any(model_dir.glob(g)) for g in _WEIGHT_GLOBS))
+    _conversion(report, model_dir, hf_config)
     if is_remote_placeholder(hf_config):
         report.registry_modules = list(fam.remote_code_modules) if fam else []
         report.default_targets = default_target_modules(hf_config, None)
@@ -132,12 +135,51 @@ def inspect_model(name_or_path: str | Path, trust_remote_code: bool = False) -> 
     return report
 
 
+def _conversion(report: InspectReport, model_dir: Path, hf_config) -> None:
+    """A converted ChatGLM2/3, Baichuan2 or Qwen-1 folder: its source, names and per-method facts; an original
+    checkpoint folder without weights (nothing to convert yet): what it would convert to."""
+    from loraforge.models.native import (NATIVE_FAMILIES, family_of_checkpoint, family_of_converted, import_record,
+                                         read_raw_config)
+
+    fam = family_of_converted(hf_config)
+    record = import_record(model_dir) if fam else None
+    if fam is not None and record is not None:
+        from loraforge.models.native.capabilities import conversion_facts
+
+        report.conversion = conversion_facts(NATIVE_FAMILIES[record["family"]], record, hf_config)
+        return
+    original = family_of_checkpoint(read_raw_config(model_dir))
+    if original is not None:
+        why = original.refusal(read_raw_config(model_dir), model_dir)
+        report.notes.append(f"this {original.name} checkpoint cannot be converted: {why}" if why else
+                            f"with its weights this {original.name} checkpoint is converted to "
+                            f"{original.native_architecture} (`loraforge convert`, or automatically as base_model); "
+                            "inspect the converted folder for its native names and what each method can do")
+
+
+def _format_conversion(c) -> list[str]:
+    lines = [f"converted      from {c.source} ({c.variant}, family `{c.family}`) to {c.native_architecture}"]
+    if c.fused:
+        lines.append("fused names    " + "; ".join(f"{k} → {', '.join(v)}" for k, v in c.fused.items())
+                     + "  (original names work in target_modules; `export --to original` fuses them back exactly)")
+    if c.renamed:
+        lines.append("renamed        " + ", ".join(f"{k} → {v}" for k, v in c.renamed.items()))
+    width = max(len(k) for k in list(c.methods) + list(c.tasks))
+    lines.append("per method     (on the converted model)")
+    lines += [f"  {k:<{width}}  {v}" for k, v in c.methods.items()]
+    lines.append("per task type")
+    lines += [f"  {k:<{width}}  {v}" for k, v in c.tasks.items()]
+    lines += [f"note           {n}" for n in c.notes]
+    return lines
+
+
 def format_inspect(report: InspectReport) -> str:
     """Plain-text report for the terminal."""
     lines = [
         f"model          {report.source}" + (f"  ({report.model_dir})" if str(report.model_dir) != report.source else ""),
         f"architecture   {report.architecture}  (model_type `{report.model_type}`, family "
-        f"{report.family or 'unknown to loraforge'})",
+        f"{report.family or 'unknown to loraforge'}"
+        + (f", converted from `{report.conversion.family}`" if report.conversion is not None else "") + ")",
         f"kind           {report.kind}",
         f"task types     {', '.join(report.task_types) or 'none'}",
     ]
@@ -166,6 +208,8 @@ def format_inspect(report: InspectReport) -> str:
         lines.append(line)
     if report.all_linear:
         lines.append(f"all-linear     adapts {', '.join(report.all_linear)} (not the LM head)")
+    if report.conversion is not None:
+        lines += _format_conversion(report.conversion)
     lines += [f"note           {n}" for n in report.notes]
     return "\n".join(lines)
 

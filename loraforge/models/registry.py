@@ -32,6 +32,8 @@ class Family:
         remote_code_modules: for families whose modelling code ships with the checkpoint (trust_remote_code),
             the linear leaf names of that code, so target_modules can be checked when the code cannot run.
         architectures: `architectures` entries that identify the family when `model_type` is ambiguous.
+        converts_to: the native transformers architecture a checkpoint of this remote-code family is converted
+            to (`loraforge convert`, automatic as base_model; `models/native/`), or "" when it has none.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Family:
     fused_qkv: tuple[str, ...] = ()
     remote_code_modules: tuple[str, ...] = ()
     architectures: tuple[str, ...] = ()
+    converts_to: str = ""
 
     @property
     def needs_remote_code(self) -> bool:
@@ -61,19 +64,20 @@ FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",), "decoder-only", ("q_proj", "v_proj")),
     Family("mistral", ("mistral", "mixtral"), "decoder-only", ("q_proj", "v_proj")),
     Family("qwen", ("qwen",), "decoder-only", ("c_attn",), fused_qkv=("c_attn",),
-           remote_code_modules=("c_attn", "c_proj", "w1", "w2", "lm_head"), architectures=("QWenLMHeadModel",)),
+           remote_code_modules=("c_attn", "c_proj", "w1", "w2", "lm_head"), architectures=("QWenLMHeadModel",),
+           converts_to="Qwen2ForCausalLM"),
     Family("qwen2", ("qwen2",), "decoder-only", ("q_proj", "v_proj")),
     Family("qwen3", ("qwen3",), "decoder-only", ("q_proj", "v_proj")),
     # ChatGLM2/3 and the remote-code GLM-4 share model_type `chatglm`; their code registers AutoModelForSeq2SeqLM
     # although the model is decoder-only — the root of the SEQ_2_SEQ_LM mistake the preflight refuses.
     Family("chatglm", ("chatglm",), "decoder-only", ("query_key_value",), fused_qkv=("query_key_value",),
            remote_code_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "output_layer"),
-           architectures=("ChatGLMModel", "ChatGLMForConditionalGeneration")),
+           architectures=("ChatGLMModel", "ChatGLMForConditionalGeneration"), converts_to="GlmForCausalLM"),
     # transformers' native GLM / GLM-4 (the `-hf` checkpoints): split q/k/v, fused gate_up.
     Family("glm", ("glm", "glm4"), "decoder-only", ("q_proj", "v_proj")),
     Family("baichuan", ("baichuan",), "decoder-only", ("W_pack",), fused_qkv=("W_pack",),
            remote_code_modules=("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"),
-           architectures=("BaichuanForCausalLM", "BaiChuanForCausalLM")),
+           architectures=("BaichuanForCausalLM", "BaiChuanForCausalLM"), converts_to="LlamaForCausalLM"),
     Family("internlm2", ("internlm2",), "decoder-only", ("wqkv",), fused_qkv=("wqkv",),
            remote_code_modules=("wqkv", "wo", "w1", "w2", "w3", "output"), architectures=("InternLM2ForCausalLM",)),
     Family("gpt2", ("gpt2",), "decoder-only", ("c_attn",), fused_qkv=("c_attn",)),

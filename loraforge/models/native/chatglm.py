@@ -1,4 +1,5 @@
-"""ChatGLM2-6B / ChatGLM3-6B (and the `chatglm`-format GLM-4-9B) → transformers' `GlmForCausalLM`.
+"""ChatGLM2-6B / ChatGLM3-6B → transformers' `GlmForCausalLM`. A `chatglm`-format GLM-4-9B has the same weights
+layout but a tiktoken vocabulary as tokenizer.model, which is not converted: it is refused by name.
 
 * `query_key_value` = [q (heads × kv_channels); k; v (groups × kv_channels each)] rows, with bias;
   multi-query groups → `num_key_value_heads` (no multi-query: one group per head);
@@ -49,16 +50,32 @@ def _is_v1(raw: dict) -> bool:
 def refusal(raw: dict, src: Path) -> str | None:
     if _is_v1(raw):
         return ("ChatGLM-6B (v1, GLM-130B style: 2D position encoding, GeLU, its own residual scaling) has no "
-                "native transformers architecture; ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B convert")
+                "native transformers architecture; ChatGLM2-6B and ChatGLM3-6B convert")
     unsupported = {"rmsnorm": (True,), "add_bias_linear": (False,), "post_layer_norm": (True,),
                    "apply_residual_connection_post_layernorm": (False,)}
     for key, ok in unsupported.items():
         if key in raw and raw[key] not in ok:
             return f"config.json `{key}: {raw[key]}` has no counterpart in native GLM (expected {ok[0]})"
+    if _tiktoken_vocabulary(src):
+        return ("its tokenizer.model is a tiktoken vocabulary (GLM-4's), not ChatGLM2/3's SentencePiece model: "
+                "loraforge does not convert that tokenizer; the transformers-native `-hf` GLM-4 checkpoints "
+                "(e.g. THUDM/glm-4-9b-chat-hf) load directly as base_model")
     if raw.get("pre_seq_len"):
         return ("config.json sets `pre_seq_len` (a P-tuning v2 checkpoint): convert the base model and train "
                 "prefix/P-tuning on the converted one")
     return None
+
+
+def _tiktoken_vocabulary(src: Path) -> bool:
+    """GLM-4's `tokenizer.model` is text lines `<base64 token> <rank>`; a SentencePiece model is a protobuf."""
+    import re
+
+    path = Path(src) / "tokenizer.model"
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        head = f.read(256).split(b"\n")[0]
+    return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head) is not None
 
 
 def _has_roles(src: Path) -> bool:
