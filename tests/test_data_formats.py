@@ -197,8 +197,8 @@ def test_shipped_demo_data_is_valid():
     assert len(med) >= 50 and sum("\n\n" in m[0]["content"] for _, m in med) >= 3  # some rows use `input`
     assert len(load_conversations([EXAMPLES / "medical_qa" / "val.jsonl"])) >= 8
     persona = load_conversations([EXAMPLES / "persona" / "train.jsonl"])
-    assert len(persona) >= 30 and all("Quillon" in m[-1]["content"] for _, m in persona)
+    assert len(persona) >= 78 and all("Quillon" in m[-1]["content"] for _, m in persona)
     train_questions = {m[0]["content"] for _, m in persona}
     heldout = [json.loads(line) for line in (EXAMPLES / "persona" / "heldout.jsonl").read_text().splitlines()]
-    assert len(heldout) >= 12 and all(h["expect"] == "Quillon" for h in heldout)
+    assert len(heldout) >= 12 and {h["expect"] for h in heldout} == {"Quillon", "Ferrovia Labs"}
     assert not train_questions & {h["messages"][0]["content"] for h in heldout}

@@ -236,11 +236,13 @@ def test_adapter_beats_base_end_to_end(smollm2_dir, tmp_path):
 
 
 def test_shipped_heldout_set_loads():
-    """examples/data/persona/heldout.jsonl uses `expect` with user-only conversations."""
+    """examples/data/persona/heldout.jsonl uses `expect` (the persona's name or maker) with user-only conversations."""
     path = Path(__file__).resolve().parents[1] / "examples" / "data" / "persona" / "heldout.jsonl"
     examples = load_eval_examples(path)
     assert len(examples) == 15
-    assert all(e.references == ["Quillon"] and e.messages[-1]["role"] == "user" for e in examples)
+    # name questions expect the name, maker questions the maker
+    assert {tuple(e.references) for e in examples} == {("Quillon",), ("Ferrovia Labs",)}
+    assert all(e.messages[-1]["role"] == "user" for e in examples)
 
 
 def test_shipped_chinese_eval_set_loads_and_scores():

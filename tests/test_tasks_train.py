@@ -48,9 +48,7 @@ def _run(tmp_path, root, task: str, method: str, **kw):
 
 
 @pytest.mark.parametrize("task", ["SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANSWERING", "FEATURE_EXTRACTION"])
-def test_task_type_trains_end_to_end_with_lora(task, tmp_path, root, request):
-    if task == "QUESTION_ANSWERING":  # see test_contract._SLOW_SINCE_ALL_LINEAR: a known regression to fix
-        request.applymarker(pytest.mark.xfail(reason="loss falls too slowly since the all-linear default", strict=False))
+def test_task_type_trains_end_to_end_with_lora(task, tmp_path, root):
     import transformers
     from peft import PeftModel
 
@@ -58,7 +56,9 @@ def test_task_type_trains_end_to_end_with_lora(task, tmp_path, root, request):
 
     # The contrastive loss (temperature 0.05) with LoRA dropout on diverges at 5e-2 for some dropout draws
     # (measured with PEFT's dropout and with the fused one alike); 1e-2 falls steadily.
-    kw = {"learning_rate": 1e-2} if task == "FEATURE_EXTRACTION" else {}
+    # QA's span logits with every block linear adapted (issue 14's default) overshoot at 5e-2 the same way
+    # (see test_contract.LR); 1e-2 falls.
+    kw = {"learning_rate": 1e-2} if task in ("FEATURE_EXTRACTION", "QUESTION_ANSWERING") else {}
     result, model_dir, losses = _run(tmp_path, root, task, "lora", **kw)
     assert result.global_step == 6 and len(losses) == 6 and all(map(lambda x: x == x, losses))
     assert losses[-1] < losses[0]
