@@ -117,7 +117,9 @@ def import_gguf_cmd(gguf_file: Path = typer.Argument(..., help="A .gguf model fi
                     out_dir: Path = typer.Argument(..., help="Where to write the HF model dir.")):
     """Dequantize a GGUF model into a normal Hugging Face model dir."""
     from loraforge.models.gguf import import_gguf
+    from loraforge.train.rundir import check_output_path
 
+    check_output_path(out_dir, [gguf_file], key="out_dir")
     typer.echo(f"imported into {import_gguf(gguf_file, out_dir)}")
 
 
@@ -126,7 +128,9 @@ def convert(src: Path = typer.Argument(..., help="A ChatGLM2/3, Baichuan-7B/Baic
             out: Path = typer.Argument(..., help="Where to write the native Hugging Face model dir.")):
     """Convert an old remote-code checkpoint to its native transformers architecture (GLM, LLaMA, Qwen2)."""
     from loraforge.models.native import convert as convert_checkpoint, import_record
+    from loraforge.train.rundir import check_output_path
 
+    check_output_path(out, [src], key="out")
     done = convert_checkpoint(src, out)
     rec = import_record(done) or {}
     typer.echo(f"converted {rec.get('variant')} → {rec.get('native_architecture')} in {done}")
@@ -175,7 +179,9 @@ def merge(run_dir: Path = typer.Argument(..., help="A LoRA run dir (or adapter d
 
     from loraforge.errors import LoraforgeError, Problem
     from loraforge.export import merge_adapter
+    from loraforge.train.rundir import base_model_dirs, check_output_path
 
+    check_output_path(out, [run_dir, *(base_model_dirs(base) if base else [])], key="out", replaces=False)
     if layout not in ("native", "original"):
         raise LoraforgeError([Problem("layout", "unknown layout", value=layout, allowed="native, original")])
     if layout == "native":
@@ -229,6 +235,9 @@ def eval_cmd(data: Path = typer.Option(..., help="Test data (.jsonl/.json; instr
              limit: Optional[int] = typer.Option(None, help="Only the first N examples.")):
     """Loss, perplexity and generation metrics for the base and each adapter, side by side."""
     from loraforge.evaluate import EvalOptions, evaluate, format_summary, write_report
+    from loraforge.train.rundir import base_model_dirs, check_output_path
+
+    check_output_path(out, [data, *base_model_dirs(base), *_adapters(adapter).values()], replaces=False)
 
     options = EvalOptions(max_new_tokens=max_new_tokens, tokenize=tokenize, limit=limit, temperature=temperature,
                           batch_size=batch_size, system_prompt=system_prompt, cutoff_len=cutoff_len,
@@ -278,6 +287,9 @@ def generate_image_cmd(prompt: str = typer.Option(...), base: str = typer.Option
                        out: Path = typer.Option(Path("image.png"))):
     """Text-to-image or image-to-image with one or more LoRAs."""
     from loraforge.image.generate import generate_image, parse_lora_arg
+    from loraforge.train.rundir import check_output_path
+
+    check_output_path(out, [base, init_image, *(spec.split(":")[0] for spec in lora or [])], replaces=False)
 
     generate_image(base, prompt, loras=[parse_lora_arg(spec) for spec in lora or []], init_image=init_image,
                    strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
@@ -291,6 +303,9 @@ def export_kohya_cmd(lora_dir: Path = typer.Argument(..., help="A loraforge imag
                      alpha: Optional[float] = typer.Option(None, help="Override alpha (default: the run's true alpha).")):
     """Convert an image LoRA to the kohya / AUTOMATIC1111 key format (with its true alpha)."""
     from loraforge.image.kohya import export_kohya
+    from loraforge.train.rundir import check_output_path
+
+    check_output_path(out, [lora_dir], replaces=False)
 
     typer.echo(f"wrote {export_kohya(lora_dir, out, alpha=alpha)}")
 

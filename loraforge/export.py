@@ -161,12 +161,14 @@ def _check_out_dir(out_dir: Path, sources: list[Path], overwrite: bool) -> None:
     Raises:
         LoraforgeError: naming the folder and the fix.
     """
-    from loraforge.train.rundir import is_inside, is_model_folder, writable_dir_problem
+    from loraforge.train.rundir import is_inside, is_model_folder, output_path_problems, writable_dir_problem
 
     for src in sources:
         if is_inside(out_dir, src) or is_inside(src, out_dir):
             raise LoraforgeError([Problem("out", f"overlaps {src}, which the merge reads: it would be overwritten",
                                           value=str(out_dir), fix="choose a new folder outside the base and the run")])
+    if inside_model := output_path_problems(out_dir, [], key="out", replaces=False):
+        raise LoraforgeError(inside_model)
     if (problem := writable_dir_problem(out_dir, "out")) is not None:
         raise LoraforgeError([problem])
     if out_dir.exists() and any(out_dir.iterdir()):

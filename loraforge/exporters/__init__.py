@@ -25,6 +25,10 @@ def export(run_dir: str | Path, to: str, out: str | Path, **options) -> ExportRe
     if to not in EXPORTERS:
         raise LoraforgeError([Problem("--to", "unknown export target", value=to, allowed=", ".join(EXPORTERS),
                                       fix=suggestion(to, EXPORTERS))])
+    from loraforge.train.rundir import base_model_dirs, check_output_path
+
+    base = options.get("base")
+    check_output_path(out, [run_dir, *(base_model_dirs(base) if base else [])])
     return EXPORTERS[to].run(ExportRequest(Path(run_dir), Path(out), **options))
 
 

@@ -19,7 +19,7 @@ from loraforge.inference.adapters import AdapterInfo, AdapterPool
 from loraforge.inference.generation import cut_after_end, cut_at_stop, generation_config, left_pad
 from loraforge.inference.prompts import end_token_ids, render_prompt_ids
 from loraforge.inference.settings import BASE, PEFT_BASE, GenerationResult, GenerationSettings, PromptLike
-from loraforge.inference.streaming import TextStream
+from loraforge.inference.streaming import StopOnEvent, TextStream
 
 
 class InferenceModel:
@@ -285,10 +285,11 @@ class InferenceModel:
                                       streamer=streamer)
         if settings.stop:
             kwargs.update(stop_strings=list(settings.stop), tokenizer=self.tokenizer)
-        if stopping is not None:
+        criteria = [c for c in (stopping, StopOnEvent(settings.cancel) if settings.cancel else None) if c is not None]
+        if criteria:
             from transformers import StoppingCriteriaList
 
-            kwargs["stopping_criteria"] = StoppingCriteriaList([stopping])
+            kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         with torch.inference_mode(), self.adapters.select(internal_names) as (module, extra):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 from loraforge.errors import LoraforgeError, Problem
 
@@ -25,6 +25,8 @@ class GenerationSettings:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     max_time: float | None = None  # seconds of generation at most (the server's per-request bound)
+    # A threading.Event checked after every token: once set, generation stops (the server's shutdown).
+    cancel: Any = field(default=None, compare=False, repr=False)
 
     def validate(self) -> None:
         """Raises:

@@ -17,8 +17,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-class _Cancelled:
-    """A stopping criterion that ends generation when the stream's consumer goes away."""
+class StopOnEvent:
+    """A stopping criterion checked after every token: it ends generation once `event` is set (the stream's
+    consumer went away, or the server is shutting down)."""
 
     def __init__(self, event: threading.Event):
         self.event = event
@@ -63,6 +64,7 @@ class TextStream:
         self._queue: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
         self.result: GenerationResult | None = None
+        self.tokens = 0  # new tokens received so far
         self._iter = self._run()
 
     def __iter__(self) -> Iterator[str]:
@@ -76,9 +78,13 @@ class TextStream:
         self._cancel.set()
         self._iter.close()
 
+    def cancel(self) -> None:
+        """Stop generating at the next token; safe from any thread, also while another is iterating."""
+        self._cancel.set()
+
     def _worker(self) -> None:
         try:
-            self._queue.put(("done", self._generate(_QueueStreamer(self._queue), _Cancelled(self._cancel))))
+            self._queue.put(("done", self._generate(_QueueStreamer(self._queue), StopOnEvent(self._cancel))))
         except BaseException as err:  # re-raised in the consumer's thread
             self._queue.put(("error", err))
 
@@ -98,6 +104,7 @@ class TextStream:
                         yield final.text[len(sent):]
                     self.result = final
                     return
+                self.tokens += len(payload)
                 tokens.extend(t for t in payload if t not in self._end_ids)
                 stable = self._stable_text(tokens)
                 if len(stable) > len(sent) and stable.startswith(sent):

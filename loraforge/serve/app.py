@@ -31,12 +31,14 @@ log = logging.getLogger("loraforge.serve")
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The batch scheduler runs while the app does."""
+    """The batch scheduler runs while the app does; on shutdown every running generation stops at its next token."""
     state: ServerState = app.state.loraforge
+    state.shutdown.clear()
     state.pool.start()
     try:
         yield
     finally:
+        state.shutdown.set()
         state.pool.stop()
 
 
@@ -62,6 +64,7 @@ def create_app(config: ServerConfig, model: InferenceModel | None = None) -> Any
 def run_server(config: ServerConfig, model: InferenceModel | None = None) -> None:
     """Serve until interrupted (the `loraforge serve` command)."""
     import ipaddress
+    import signal
 
     import uvicorn
 
@@ -72,6 +75,14 @@ def run_server(config: ServerConfig, model: InferenceModel | None = None) -> Non
     if not loopback and not config.api_key:
         log.warning("serving on %s without an api_key: anyone who can reach this port can use and change the models",
                     config.host)
+    if not log.handlers:  # the server's own notes (a stream cancelled, the shutdown) go beside uvicorn's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     app = create_app(config, model)
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; this handler turns that into a clean exit
+    # (status 0) after the graceful shutdown instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: log.info("shut down on SIGTERM"))
     uvicorn.run(app, host=config.host, port=config.port, log_level="info",
                 timeout_graceful_shutdown=config.shutdown_timeout_s)

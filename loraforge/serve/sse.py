@@ -60,9 +60,27 @@ async def start_stream(state: ServerState, prompt: PromptLike, adapter: str,
     return slot, stream
 
 
-def streaming_response(events: Iterator[str], slot: Slot, headers: dict[str, str]) -> StreamingResponse:
+class _StreamingEvents(StreamingResponse):
+    """A StreamingResponse that stops its generation when the response ends for any reason: a client that went
+    away (starlette then cancels the sending task without closing the event iterator, whose worker would
+    otherwise generate to the end) or a shutdown that cancels it."""
+
+    def __init__(self, *args: Any, on_end: Callable[[], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._on_end = on_end
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_end()
+
+
+def streaming_response(events: Iterator[str], slot: Slot, headers: dict[str, str], *, state: ServerState,
+                       stream: TextStream) -> StreamingResponse:
     """The SSE response; the slot is released when the events end and again (a no-op then) after the response,
-    which also covers a client that leaves before the first event."""
+    which also covers a client that leaves before the first event. A response that ends before the generation
+    does (the client went away) cancels it at its next token."""
 
     def guarded() -> Iterator[str]:
         try:
@@ -70,5 +88,13 @@ def streaming_response(events: Iterator[str], slot: Slot, headers: dict[str, str
         finally:
             slot.release()
 
-    return StreamingResponse(guarded(), media_type="text/event-stream", background=BackgroundTask(slot.release),
-                             headers={**headers, "cache-control": "no-cache"})
+    def on_end() -> None:
+        if stream.result is None:
+            stream.cancel()
+            with state.count_lock:
+                state.cancelled += 1
+            log.info("client went away: stopped the generation after %d tokens", stream.tokens)
+        slot.release()
+
+    return _StreamingEvents(guarded(), media_type="text/event-stream", background=BackgroundTask(slot.release),
+                            headers={**headers, "cache-control": "no-cache"}, on_end=on_end)

@@ -33,6 +33,8 @@ class ServerState:
         self.rng = random.Random(config.route_seed)
         self.count_lock = threading.Lock()  # streams release their slot from a worker thread
         self.in_flight = 0
+        self.cancelled = 0  # streams stopped early because their client went away
+        self.shutdown = threading.Event()  # set on shutdown: every running generation stops at its next token
 
     def model_names(self) -> list[str]:
         return self.model.adapter_names + list(self.routes)
@@ -66,7 +68,8 @@ class ServerState:
         temperature = self.config.default_temperature if req.temperature is None else req.temperature
         return GenerationSettings(max_new_tokens=limit, temperature=temperature,
                                   top_p=1.0 if req.top_p is None else req.top_p, stop=list(req.stop or []),
-                                  seed=req.seed, max_time=self.config.request_timeout_s)
+                                  seed=req.seed, max_time=self.config.request_timeout_s,
+                                  cancel=self.shutdown)
 
     def check_prompt_length(self, prompts: list, adapter: str, max_new_tokens: int) -> None:
         """Raises:

@@ -16,6 +16,9 @@ from loraforge.errors import Problem
 RUN_ARTIFACTS = ("run.json", "metrics.jsonl", "loss.png", "tensorboard", "best", "adapter_config.json",
                  "adapter_model.safetensors", "config.yaml")
 
+# The record a model folder that loraforge itself wrote (merge, import-gguf, convert) carries.
+LORAFORGE_MODEL_RECORDS = ("loraforge_merge.json", "loraforge_import.json")
+
 # Files whose presence (without a loraforge run.json/config.yaml beside them) marks a folder as a model.
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth", "*.ckpt")
 
@@ -94,3 +97,42 @@ def base_model_dirs(base_model: str | Path) -> list[Path]:
     except LoraforgeError:
         pass
     return found
+
+
+def output_path_problems(out: str | Path, reads: list[Path], *, key: str = "--out",
+                         replaces: bool = True) -> list[Problem]:
+    """The rule for every command's output path (a file or a folder): it never overlaps what the command reads
+    (the output inside a source, or a source inside the output that an overwrite would remove), never lies in or
+    on a model folder, and, for a command that replaces its output folder (`replaces`), is not a run folder
+    (run.json)."""
+    out = Path(out).expanduser()
+    for src in reads:
+        if is_inside(out, src) or is_inside(src, out):
+            return [Problem(key, f"overlaps {Path(src).expanduser().resolve()}, which this command reads: its files "
+                                 "would be overwritten", value=str(out), fix="choose a new path outside it")]
+    resolved = out.resolve()
+    for folder in (resolved, *resolved.parents):
+        if folder == resolved and any((folder / m).is_file() for m in LORAFORGE_MODEL_RECORDS):
+            continue  # a model loraforge wrote (an earlier merge/import): the command's --overwrite rule decides
+        if is_model_folder(folder):
+            return [Problem(key, f"is inside the model folder {folder}: the model's own files would be overwritten",
+                            value=str(out), fix="choose a new path outside every model folder")]
+    if replaces and (resolved / "run.json").is_file():
+        return [Problem(key, "is a training run folder (run.json): writing here would replace the run",
+                        value=str(out), fix="choose a new folder, e.g. a subfolder of the run")]
+    return []
+
+
+def check_output_path(out: str | Path, reads: list[str | Path | None], *, key: str = "--out",
+                      replaces: bool = True) -> None:
+    """`output_path_problems`, raised. `reads` may hold None (an option not given).
+
+    Raises:
+        LoraforgeError: naming the key, the folder it would damage and the fix.
+    """
+    from loraforge.errors import LoraforgeError
+
+    problems = output_path_problems(out, [Path(str(r)) for r in reads if r is not None and Path(str(r)).exists()],
+                                    key=key, replaces=replaces)
+    if problems:
+        raise LoraforgeError(problems, title="refused: the output would damage existing files")

@@ -32,7 +32,8 @@ async def chat_completions(req: P.ChatCompletionRequest, state: State) -> Any:
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         slot, stream = await start_stream(state, messages, adapter, settings)
-        return streaming_response(_chat_events(rid, req.model, adapter, stream, include_usage), slot, headers)
+        return streaming_response(_chat_events(rid, req.model, adapter, stream, include_usage), slot, headers,
+                                  state=state, stream=stream)
     with state.admit():
         result = (await state.pool.generate([messages], adapter, settings))[0]
     body = P.chat_completion(rid, req.model, adapter, result.text, result.finish_reason,
@@ -64,7 +65,8 @@ async def completions(req: P.CompletionRequest, state: State) -> Any:
     if req.stream:
         slot, stream = await start_stream(state, prompts[0], adapter, settings)
         echo = prompts[0] if req.echo else None
-        return streaming_response(_completion_events(rid, req.model, adapter, stream, echo), slot, headers)
+        return streaming_response(_completion_events(rid, req.model, adapter, stream, echo), slot, headers,
+                                  state=state, stream=stream)
     with state.admit():
         results = await state.pool.generate(prompts, adapter, settings)
     choices = [{"index": i, "text": (prompts[i] if req.echo else "") + r.text, "finish_reason": r.finish_reason,

@@ -15,7 +15,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(state: State) -> dict[str, Any]:
     """Liveness and the batch scheduler's counters."""
-    return {"status": "ok", "models": state.model_names(), **state.pool.stats()}
+    return {"status": "ok", "models": state.model_names(), **state.pool.stats(), "cancelled": state.cancelled}
 
 
 @router.get("/v1/models", dependencies=[Depends(require_key)])
