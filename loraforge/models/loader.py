@@ -141,7 +141,8 @@ def load_model(model_dir: str | Path, task_type: TaskType, *, dtype: "str | torc
             kwargs["pad_token_id"] = eos[0] if isinstance(eos, (list, tuple)) else eos
     auto_cls = getattr(transformers, AUTO_CLASSES[task_type])
     try:
-        return auto_cls.from_pretrained(path, **kwargs)
+        with _quiet_weight_loading():
+            return auto_cls.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ModelError([Problem("base_model", f"cannot load weights from {path}: {str(err).splitlines()[0]}",
                                   value=str(model_dir))]) from None
@@ -159,3 +160,20 @@ def _check_attention(name: str) -> None:
     if name == "flash_attention_2" and (not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None):
         raise ModelError([Problem("attn_implementation", "flash_attention_2 needs a CUDA GPU and the flash-attn "
                                   "package", value=name, allowed=allowed, fix="use `sdpa` (or `auto`)")])
+
+
+class _quiet_weight_loading:
+    """transformers 5 draws a "Loading weights" progress bar for every from_pretrained: a dependency's internals in
+    a run's output (issue 14). Off while loraforge loads a model, restored afterwards for the caller's own use."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self._was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as hf_logging
+
+        if self._was_enabled:
+            hf_logging.enable_progress_bar()

@@ -7,6 +7,7 @@ count and loss a run uses is its objective's (`loraforge/objectives/`).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -70,6 +71,11 @@ def build_accelerator(precision: str):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
+    if not torch.cuda.is_available():
+        # accelerate imports DeepSpeed when installed; without a GPU DeepSpeed then logs "Setting accelerator to
+        # CPU. If you have GPU ... we were unable to detect it." — noise in a CPU run (issue 14). Naming the CPU
+        # accelerator up front is what that message asks for; a user's own DS_ACCELERATOR is kept.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # Accumulation is done by the loop itself (token-normalized), so accelerate's own is left at 1.
     return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
 
