@@ -131,9 +131,15 @@ def test_merge_never_writes_over_the_base_the_run_or_another_model(two_ckpts, ti
             merge_adapter(two_ckpts, out, base=str(tiny_llama), verify=False, overwrite=True)
     other = tmp_path / "other"
     shutil.copytree(tiny_llama, other)
-    with pytest.raises(LoraforgeError, match="merge ... --overwrite"):
-        merge_adapter(two_ckpts, other, base=str(tiny_llama), verify=False)
-    with pytest.raises(LoraforgeError, match="did not write"):
-        merge_adapter(two_ckpts, other, base=str(tiny_llama), verify=False, overwrite=True)
+    for overwrite in (False, True):  # another model's folder is never written into, --overwrite or not
+        with pytest.raises(LoraforgeError, match="is inside the model folder"):
+            merge_adapter(two_ckpts, other, base=str(tiny_llama), verify=False, overwrite=overwrite)
+    assert sorted(f.name for f in other.iterdir()) == sorted(f.name for f in tiny_llama.iterdir())
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(LoraforgeError, match="merge ... --overwrite"):  # the fix names an option merge has
+        merge_adapter(two_ckpts, notes, base=str(tiny_llama), verify=False)
+    assert (notes / "todo.txt").read_text() == "keep me"
     merged = merge_adapter(two_ckpts, tmp_path / "m", base=str(tiny_llama), verify=False)
     merge_adapter(two_ckpts, merged.out_dir, base=str(tiny_llama), verify=False, overwrite=True)  # an earlier merge

@@ -107,7 +107,7 @@ def test_whole_workflow_in_a_browser(webui, tmp_path):
         assert "Quillon" in trained.replace("·", " ")
         masked = "".join(row.locator(".tok.masked").all_inner_texts())
         assert "Who·are·you?" in masked and "<|im_end|>" in masked  # the prompt (and its end of turn) is not trained
-        expect(page.locator("#stats")).to_contain_text("40 examples")
+        expect(page.locator("#stats")).to_contain_text("78 examples")
         expect(page.locator("#check-status")).to_have_text("preflight OK")
         expect(page.locator("#estimate")).to_contain_text("trainable")
         expect(page.locator("#cli")).to_have_text("loraforge train configs/run.yaml")
