@@ -321,6 +321,11 @@ def config_help():
 def main() -> None:
     """Console entry point: user errors → message + exit 2; Ctrl-C/SIGTERM → checkpoint + resume hint."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes (imported by peft) warns on AVX512-BF16 CPUs that an optional 4-bit kernel could not be fetched
+    # from the Hub (`kernels`): a dependency's internals in every run's output, and loraforge never downloads.
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from loraforge.errors import EXIT_USER_ERROR, LoraforgeError
 
     try:

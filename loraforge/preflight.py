@@ -257,11 +257,12 @@ def _precision_problems(cfg: RunConfig) -> list[Problem]:
 
 def _output_safety(cfg: RunConfig) -> list[Problem]:
     """output_dir is not (inside) the base or another model folder, can be written, and no live run holds it."""
-    from loraforge.train.lock import holder, holder_problem
+    from loraforge.train.lock import holder, holder_problem, is_main_process
     from loraforge.train.rundir import base_model_dirs, output_dir_problems
 
     unsafe = output_dir_problems(cfg.output_dir, base_model_dirs(cfg.base_model))
-    who = None if unsafe else holder(cfg.output_dir)
+    # only the main process takes the lock (`holds_output_dir`); the other ranks of its job would see it held
+    who = None if unsafe or not is_main_process() else holder(cfg.output_dir)
     return unsafe + ([holder_problem(cfg.output_dir, who)] if who is not None else [])
 
 

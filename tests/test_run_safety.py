@@ -107,6 +107,25 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_stale_lock_is_taken_ove
     assert not (out / LOCK_FILE).exists()
 
 
+def test_other_ranks_of_a_distributed_run_do_not_see_their_main_process_lock(tiny_llama, rows_file, tmp_path,
+                                                                             monkeypatch):
+    """Under torchrun rank 0 takes the lock before rank 1's preflight may run: rank 1 must not refuse its own job
+    (it did: `another run is using this folder` in the FSDP2 resume test). Rank 0 still refuses another job."""
+    out = tmp_path / "run"
+    proc = _holder(out)
+    try:
+        cfg = make_cfg(tiny_llama, rows_file, out)
+        monkeypatch.setenv("RANK", "1")
+        from loraforge.preflight import run_preflight
+
+        run_preflight(cfg, echo=lambda _m: None)  # no problem at all
+        monkeypatch.setenv("RANK", "0")
+        assert [p for p in _preflight_problems(cfg) if f"pid {proc.pid}" in p.message]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_two_train_processes_on_one_output_dir(tiny_llama, rows_file, tmp_path):
     out = tmp_path / "run"
     first = start_cli(write_config(make_cfg(tiny_llama, rows_file, out, max_steps=100000), tmp_path / "a.yaml"),

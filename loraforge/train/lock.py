@@ -111,7 +111,7 @@ def _release_all() -> None:
         release(key)
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """Rank 0 of `accelerate launch` / torchrun (they set RANK), or a plain single process."""
     return os.environ.get("RANK", "0") in ("", "0")
 
@@ -129,7 +129,7 @@ def holds_output_dir(train_fn):
         problems = output_dir_problems(cfg.output_dir, base_model_dirs(cfg.base_model))
         if problems:
             raise ConfigError(problems)
-        if not _is_main_process():
+        if not is_main_process():
             return train_fn(cfg, *args, **kwargs)
         acquire(cfg.output_dir)
         try:
