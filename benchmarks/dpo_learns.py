@@ -10,6 +10,7 @@ the adapter disabled), on the 20 held-out pairs and their unseen prompts:
 
     python benchmarks/dpo_learns.py                     # the run in BENCHMARKS.md
     python benchmarks/dpo_learns.py --steps 8 --heldout 8 --no-generate   # the suite's variant, roughly
+    python benchmarks/dpo_learns.py --sft-weight 1.0    # DPO + an SFT term on the chosen side (RPO)
 
 `tests/test_learning_preference.py` runs a shorter variant in the suite.
 """
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sft-weight", type=float, default=0.0, help="dpo_sft_weight (RPO's α); 0 = plain DPO")
     parser.add_argument("--heldout", type=int, default=None, help="score only the first N held-out pairs")
     parser.add_argument("--no-generate", action="store_true", help="skip the greedy answers")
     parser.add_argument("--output-dir", default=None)
@@ -84,14 +86,15 @@ def main() -> None:
 
     base = str(resolve_model_path("smollm2"))
     out = args.output_dir or tempfile.mkdtemp(prefix="dpo-learns-")
-    cfg = dpo_config(out, args.steps, args.lr, args.beta, args.batch_size)
+    cfg = dpo_config(out, args.steps, args.lr, args.beta, args.batch_size, dpo_sft_weight=args.sft_weight)
     t0 = time.time()
     result = train(cfg, echo=lambda _m: None)
     train_s = time.time() - t0
     report = measure(base, out, cfg, args.heldout, not args.no_generate)
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
-    print(f"DPO: {args.steps} steps × {args.batch_size} pairs, lr {args.lr}, beta {args.beta}: {train_s:.0f} s "
+    print(f"DPO: {args.steps} steps × {args.batch_size} pairs, lr {args.lr}, beta {args.beta}, "
+          f"sft weight {args.sft_weight}: {train_s:.0f} s "
           f"train, final loss {result.final_loss:.4f}; run dir {out}")
     for r in logged:
         print(f"  step {r['step']:>3}: loss {r['loss']:.4f}  margins {r['rewards/margins']:+.3f}  "
