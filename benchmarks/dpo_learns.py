@@ -6,7 +6,8 @@ the adapter disabled), on the 20 held-out pairs and their unseen prompts:
 * pair accuracy: the share of held-out pairs whose chosen reply has the higher summed log-prob
   (`loraforge.evaluate.pairs`; no reference needed, so the base model has one too);
 * style: the share of greedy answers to the held-out prompts that use the chosen style's phrasing
-  ("I can't examine you, …") and the rejected style's ("Don't worry, I'm sure: …").
+  ("I can't examine you, …"), that open as every chosen reply does ("I can't …"), and that use the rejected
+  style's ("Don't worry, I'm sure: …").
 
     python benchmarks/dpo_learns.py                     # the run in BENCHMARKS.md
     python benchmarks/dpo_learns.py --steps 8 --heldout 8 --no-generate   # the suite's variant, roughly
@@ -26,6 +27,7 @@ from typing import Any
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "preference"
 CAREFUL = ("examine you",)  # every chosen reply opens with "I can't examine you, …"
+CAREFUL_OPENER = ("i can't", "i cannot")  # every chosen reply starts "I can't …"; no rejected one does
 DISMISSIVE = ("don't worry", "no worries", "relax,", "i'm sure", "completely sure", "no need to see a doctor",
               "skip the doctor", "don't need a doctor")  # the rejected replies' openers and closers
 
@@ -64,6 +66,8 @@ def measure(base: str, run_dir: str, cfg: Any, heldout: int | None, generate: bo
         if generate:
             careful, answers = style_rate(model, prompts, CAREFUL, variant, max_new_tokens=32)
             out[variant].update(careful_style=careful, answers=answers,
+                                careful_opener=sum(a.strip().lower().startswith(CAREFUL_OPENER) for a in answers)
+                                / len(answers),
                                 dismissive_style=sum(any(m in a.lower() for m in DISMISSIVE) for a in answers)
                                 / len(answers))
     return out
@@ -104,7 +108,8 @@ def main() -> None:
         v = report[variant]
         line = f"  {variant:>4}: pair accuracy {v['pair_accuracy']:.2f}, mean margin {v['mean_margin']:+.2f} nats"
         if "careful_style" in v:
-            line += f", careful style {v['careful_style']:.2f}, dismissive style {v['dismissive_style']:.2f}"
+            line += (f", careful style {v['careful_style']:.2f}, opens like the chosen replies "
+                     f"{v['careful_opener']:.2f}, dismissive style {v['dismissive_style']:.2f}")
         print(line)
     if not args.no_generate:
         for i in range(3):
