@@ -6,10 +6,12 @@ the adapter disabled), on the 20 held-out pairs and their unseen prompts:
 * pair accuracy: the share of held-out pairs whose chosen reply has the higher summed log-prob
   (`loraforge.evaluate.pairs`; no reference needed, so the base model has one too);
 * style: the share of greedy answers to the held-out prompts that use the chosen style's phrasing
-  ("I can't examine you, …") and the rejected style's ("Don't worry, I'm sure: …").
+  ("I can't examine you, …"), that open as every chosen reply does ("I can't …"), and that use the rejected
+  style's ("Don't worry, I'm sure: …").
 
     python benchmarks/dpo_learns.py                     # the run in BENCHMARKS.md
     python benchmarks/dpo_learns.py --steps 8 --heldout 8 --no-generate   # the suite's variant, roughly
+    python benchmarks/dpo_learns.py --sft-weight 1.0    # DPO + an SFT term on the chosen side (RPO)
 
 `tests/test_learning_preference.py` runs a shorter variant in the suite.
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "preference"
 CAREFUL = ("examine you",)  # every chosen reply opens with "I can't examine you, …"
+CAREFUL_OPENER = ("i can't", "i cannot")  # every chosen reply starts "I can't …"; no rejected one does
 DISMISSIVE = ("don't worry", "no worries", "relax,", "i'm sure", "completely sure", "no need to see a doctor",
               "skip the doctor", "don't need a doctor")  # the rejected replies' openers and closers
 
@@ -63,6 +66,8 @@ def measure(base: str, run_dir: str, cfg: Any, heldout: int | None, generate: bo
         if generate:
             careful, answers = style_rate(model, prompts, CAREFUL, variant, max_new_tokens=32)
             out[variant].update(careful_style=careful, answers=answers,
+                                careful_opener=sum(a.strip().lower().startswith(CAREFUL_OPENER) for a in answers)
+                                / len(answers),
                                 dismissive_style=sum(any(m in a.lower() for m in DISMISSIVE) for a in answers)
                                 / len(answers))
     return out
@@ -74,6 +79,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--sft-weight", type=float, default=0.0, help="dpo_sft_weight (RPO's α); 0 = plain DPO")
     parser.add_argument("--heldout", type=int, default=None, help="score only the first N held-out pairs")
     parser.add_argument("--no-generate", action="store_true", help="skip the greedy answers")
     parser.add_argument("--output-dir", default=None)
@@ -84,14 +90,15 @@ def main() -> None:
 
     base = str(resolve_model_path("smollm2"))
     out = args.output_dir or tempfile.mkdtemp(prefix="dpo-learns-")
-    cfg = dpo_config(out, args.steps, args.lr, args.beta, args.batch_size)
+    cfg = dpo_config(out, args.steps, args.lr, args.beta, args.batch_size, dpo_sft_weight=args.sft_weight)
     t0 = time.time()
     result = train(cfg, echo=lambda _m: None)
     train_s = time.time() - t0
     report = measure(base, out, cfg, args.heldout, not args.no_generate)
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "loss" in r]
-    print(f"DPO: {args.steps} steps × {args.batch_size} pairs, lr {args.lr}, beta {args.beta}: {train_s:.0f} s "
+    print(f"DPO: {args.steps} steps × {args.batch_size} pairs, lr {args.lr}, beta {args.beta}, "
+          f"sft weight {args.sft_weight}: {train_s:.0f} s "
           f"train, final loss {result.final_loss:.4f}; run dir {out}")
     for r in logged:
         print(f"  step {r['step']:>3}: loss {r['loss']:.4f}  margins {r['rewards/margins']:+.3f}  "
@@ -101,7 +108,8 @@ def main() -> None:
         v = report[variant]
         line = f"  {variant:>4}: pair accuracy {v['pair_accuracy']:.2f}, mean margin {v['mean_margin']:+.2f} nats"
         if "careful_style" in v:
-            line += f", careful style {v['careful_style']:.2f}, dismissive style {v['dismissive_style']:.2f}"
+            line += (f", careful style {v['careful_style']:.2f}, opens like the chosen replies "
+                     f"{v['careful_opener']:.2f}, dismissive style {v['dismissive_style']:.2f}")
         print(line)
     if not args.no_generate:
         for i in range(3):

@@ -206,6 +206,10 @@ def _stage_checks(cfg: RunConfig) -> list[Problem]:
     inject virtual tokens (prefix, P-tuning, prompt tuning) change PEFT's forward, so they are refused."""
     from loraforge.config.methods import METHOD_OPTIONS
 
+    if cfg.dpo_sft_weight and cfg.stage != "dpo":
+        return [Problem("dpo_sft_weight", f"adds an SFT term to the DPO loss, but the stage is `{cfg.stage}`",
+                        value=cfg.dpo_sft_weight, allowed="stage: dpo",
+                        fix="set `stage: dpo`, or remove dpo_sft_weight (orpo already trains the chosen NLL)")]
     if cfg.stage == "sft":
         return []
     if cfg.task_type is not TaskType.CAUSAL_LM:

@@ -1,7 +1,8 @@
-"""DPO teaches the real model a preference (issue 17): SmolLM2 + LoRA, 10 DPO steps on the shipped careful vs.
-overconfident medical pairs, then the 20 held-out pairs (unseen questions): the base model prefers the chosen reply
-on at most half of them, the tuned one on at least 90%. Pair accuracy = the chosen reply's summed log-prob beats
-the rejected one's (`loraforge.evaluate.pairs`). The longer run, with greedy answers, is benchmarks/dpo_learns.py
+"""DPO teaches the real model a preference (issue 17): SmolLM2 + LoRA, 16 DPO steps (with the RPO SFT term,
+`dpo_sft_weight: 1`) on the shipped careful vs. overconfident medical pairs, then the 20 held-out pairs (unseen
+questions): the base model prefers the chosen reply on at most half of them, the tuned one on at least 90%; and
+greedy answers to unseen questions open as the chosen replies do ("I can't …"), which the base's never do. Pair
+accuracy = the chosen reply's summed log-prob beats the rejected one's (`loraforge.evaluate.pairs`). The longer run, with greedy answers, is benchmarks/dpo_learns.py
 (numbers in BENCHMARKS.md)."""
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loraforge.config import config_from_dict
-from loraforge.evaluate.pairs import pair_accuracy, pair_margins
+from loraforge.evaluate.pairs import pair_accuracy, pair_margins, style_rate
 from loraforge.inference import InferenceModel
 from loraforge.train.loop import train
 
@@ -32,7 +33,9 @@ def test_dpo_makes_heldout_pairs_prefer_the_careful_reply(smollm2_dir, tmp_path)
 
     out = tmp_path / "dpo"
     cfg = config_from_dict(dict(base_model=str(smollm2_dir), stage="dpo", metadata_path=str(DATA / "train.jsonl"),
-                                output_dir=str(out), max_steps=10, batch_size=4, learning_rate=5e-4, pref_beta=0.1,
+                                output_dir=str(out), max_steps=16, batch_size=4, learning_rate=5e-4, pref_beta=0.1,
+                                warmup_ratio=0.0,
+                                dpo_sft_weight=1.0,
                                 logging_steps=5, save_steps=None, report_to=["none"], plot_loss=False,
                                 tokenized_cache=False))
     train(cfg, echo=lambda _m: None)
@@ -45,3 +48,10 @@ def test_dpo_makes_heldout_pairs_prefer_the_careful_reply(smollm2_dir, tmp_path)
     assert pair_accuracy(base) <= 0.5
     assert pair_accuracy(tuned) >= 0.9, tuned
     assert sum(tuned) / len(tuned) > sum(base) / len(base) + 10  # nats: the margins moved, not just their signs
+    prompts = [[{"role": "user", "content": json.loads(line)["instruction"]}]
+               for line in (DATA / "heldout.jsonl").read_text().splitlines()[:10]]
+    openers = {v: style_rate(model, prompts, [], v, max_new_tokens=6)[1] for v in ("base", "dpo")}
+    opens = {v: sum(a.strip().lower().startswith("i can't") for a in answers) / len(answers)
+             for v, answers in openers.items()}
+    print(f"greedy answers opening like the chosen replies: base {opens['base']:.1f}, DPO {opens['dpo']:.1f}")
+    assert opens["base"] == 0 and opens["dpo"] >= 0.7, openers

@@ -143,6 +143,44 @@ def test_dpo_equals_trl_dpo_trainer(variant, pack, reference, model_dir, tmp_pat
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_dpo_with_an_sft_term_equals_trl_sigmoid_plus_sft(pack, model_dir, tmp_path):
+    """`dpo_sft_weight` α (RPO) = TRL's `loss_type: [sigmoid, sft]`, `loss_weights: [1, α]`: the chosen replies'
+    token-mean NLL of the micro-batch added to DPO. Checked against α = 0 too, so the term is really there."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from loraforge.models.loader import load_tokenizer
+    from loraforge.objectives.dpo import dpo_losses
+
+    tokenizer = load_tokenizer(model_dir)
+    model = lora_model(model_dir)
+    rows = [[side(p, c), side(p, r)] for p, c, r in PAIRS]
+    plain = ours(model, cfg_for(tmp_path, stage="dpo", pref_beta=0.3), dpo_losses, True, rows, pack,
+                 tokenizer.pad_token_id)
+    cfg = cfg_for(tmp_path, stage="dpo", pref_beta=0.3, rpo_alpha=0.7)  # TRL's old name, an alias
+    assert cfg.dpo_sft_weight == 0.7
+    mine = ours(model, cfg, dpo_losses, True, rows, pack, tokenizer.pad_token_id)
+    total, count = mine[2].pop_metrics("train")["nll/chosen"]
+    nll = (total / count).item()
+    assert nll > 1 and mine[0].item() == pytest.approx(plain[0].item() + 0.7 * nll, abs=1e-5)
+
+    trainer = trl_trainer("dpo", model, tokenizer, tmp_path, beta=0.3, loss_type=["sigmoid", "sft"],
+                          loss_weights=[1.0, 0.7])
+    batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(
+        [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in PAIRS])
+    theirs = trainer.compute_loss(trainer.model, batch)
+    theirs.backward()
+    assert_same(mine[0], mine[1], theirs.detach(), lora_grads(model))
+
+
+def test_dpo_sft_weight_belongs_to_dpo(tmp_path):
+    from loraforge.preflight import _stage_checks
+
+    problems = _stage_checks(cfg_for(tmp_path, stage="simpo", pref_ftx=0.5))
+    assert problems and problems[0].key == "dpo_sft_weight" and "stage: dpo" in problems[0].fix
+    assert not _stage_checks(cfg_for(tmp_path, stage="dpo", pref_ftx=0.5))
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("reference", ["disabled", "copy"])
 def test_kto_equals_trl_kto_trainer(pack, reference, model_dir, tmp_path):
     """KTO's reference point z = max(0, KL estimate) is clamped: the policy is moved both ways from the reference,

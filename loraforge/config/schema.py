@@ -259,6 +259,11 @@ class PreferenceSection(_Section):
     pref_label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="dpo sigmoid: assumed fraction of flipped labels (conservative DPO: "
         "(1-ε)·L(Δ) + ε·L(-Δ)); 0 = plain DPO.")
+    dpo_sft_weight: float = Field(
+        0.0, ge=0, description="dpo: weight α of an SFT term on the chosen replies added to the DPO loss (RPO, Pang et al. "
+        "2024): α × the mean negative log-likelihood per chosen-reply token of the micro-batch, as TRL's "
+        "`loss_type: [sigmoid, sft]` with `loss_weights: [1, α]`. Keeps the chosen replies likely, so greedy answers "
+        "move toward them instead of only away from the rejected ones; 0 = plain DPO.")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin γ (SimPO, Meng et al. 2024).")
     orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight λ of the odds-ratio term added to the chosen NLL "
                                "(ORPO, Hong et al. 2024; TRL calls it `beta`).")
@@ -308,6 +313,8 @@ KEY_ALIASES: dict[str, str] = {
     "dpo_beta": "pref_beta",
     "dpo_label_smoothing": "pref_label_smoothing",
     "dpo_loss_type": "dpo_loss",
+    "rpo_alpha": "dpo_sft_weight",
+    "pref_ftx": "dpo_sft_weight",
     "orpo_alpha": "orpo_lambda",
     "orpo_beta": "orpo_lambda",
     "kto_chosen_weight": "kto_desirable_weight",
