@@ -58,8 +58,19 @@ def stop_tokens(tokenizer: Any, template: str) -> list[str]:
     return list(dict.fromkeys(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, template))))
 
 
-def write_model_gguf(request: ExportRequest, out_dir: Path) -> GgufModel:
-    """Merge the run and write `out_dir/<name>-<quant>.gguf`.
+def export_command(request: ExportRequest, target: str, quant: str) -> str:
+    """The `loraforge export` command line that repeats `request` with another `--quant`."""
+    import shlex
+
+    args = ["loraforge", "export", str(request.run_dir), "--to", target, "--out", str(request.out), "--quant", quant]
+    for flag, value in (("--base", request.base), ("--name", request.name)):
+        if value:
+            args += [flag, value]
+    return shlex.join(args + (["--overwrite"] if request.overwrite else []))
+
+
+def write_model_gguf(request: ExportRequest, out_dir: Path, *, target: str = "gguf") -> GgufModel:
+    """Merge the run and write `out_dir/<name>-<quant>.gguf` (`out_dir` is the temporary twin of `request.out`).
 
     Raises:
         LoraforgeError: an unknown/unsupported quant type, an adapter that cannot be merged, or a family the
@@ -69,7 +80,11 @@ def write_model_gguf(request: ExportRequest, out_dir: Path) -> GgufModel:
     from loraforge.exporters.gguf_vocab import add_tokenizer
     from loraforge.exporters.source import load_merged, require_mergeable, resolve_run, source_gguf
 
-    quant = gm.check_quant(request.quant)
+    name = model_name(request)
+    quant = gm.check_quant(request.quant, out=request.out, name=name,
+                           export_command=export_command(request, target, "f16"),
+                           then=f" (then FROM ./{name}-{request.quant.upper()}.gguf in the Modelfile)"
+                           if target == "ollama" else "")
     source = resolve_run(request.run_dir, request.base)
     require_mergeable(source, "gguf")
     from transformers import AutoConfig
@@ -77,7 +92,6 @@ def write_model_gguf(request: ExportRequest, out_dir: Path) -> GgufModel:
     arch = gm.arch_for(AutoConfig.from_pretrained(source.model_dir).model_type)  # refuse before loading weights
     model, tokenizer = load_merged(source)
     chat_template, fmt, fmt_error = run_template(tokenizer, source.template)
-    name = request.name or source.run_dir.resolve().name
     path = out_dir / f"{name}-{quant}.gguf"
 
     def metadata(writer: Any) -> None:
@@ -91,14 +105,22 @@ def write_model_gguf(request: ExportRequest, out_dir: Path) -> GgufModel:
     return GgufModel(path, quant, fmt, chat_template, stop_tokens(tokenizer, source.template), fmt_error)
 
 
+def model_name(request: ExportRequest) -> str:
+    """The name in the file names and `general.name`: `--name`, else the run folder's."""
+    return request.name or Path(request.run_dir).resolve().name
+
+
 def _run(request: ExportRequest) -> ExportResult:
+    from loraforge.exporters.gguf_model import quantize_command
+
     with output_dir(request) as tmp:
         model = write_model_gguf(request, Path(tmp))
     path = request.out / model.path.name
     lines = [f"wrote {path} ({model.quant}, {path.stat().st_size / 1e6:.1f} MB)",
              f"run it: llama-cli -m {path} -cnv   (chat template from the run is inside the file)"]
     if model.quant in ("f16", "bf16", "f32"):
-        lines.append(f"smaller k-quants: llama-quantize {path} {request.out}/{path.stem.rsplit('-', 1)[0]}-Q4_K_M.gguf Q4_K_M")
+        lines.append("k-quants (smaller, llama.cpp's quantizer): "
+                     + quantize_command(request.out, model_name(request), "q4_k_m", source=model.quant))
     return ExportResult(request.out, [path], lines)
 
 

@@ -60,16 +60,33 @@ def arch_for(model_type: str) -> GgufArch:
                          title="cannot export to GGUF")
 
 
-def check_quant(quant: str) -> str:
-    """Raises: LoraforgeError for a type the `gguf` package cannot write, with the llama-quantize command."""
+def quantize_command(out: Path, name: str, quant: str, *, source: str = "f16") -> str:
+    """The llama-quantize command that turns the exported `out/<name>-<source>.gguf` into `quant`."""
+    import shlex
+
+    q = quant.upper()
+    return (f"llama-quantize {shlex.quote(str(out / f'{name}-{source}.gguf'))} "
+            f"{shlex.quote(str(out / f'{name}-{q}.gguf'))} {q}")
+
+
+def check_quant(quant: str, *, out: Path, name: str, export_command: str, then: str = "") -> str:
+    """`quant` lower-cased when the `gguf` package writes it.
+
+    `out`/`name` are the export's folder and model name and `export_command` the same export at f16, so a
+    refusal prints the exact two commands that produce the type (the f16 file's real path included), and
+    `then` what to do after them.
+
+    Raises:
+        LoraforgeError: a type only llama.cpp's quantizer writes (with those commands), or an unknown type.
+    """
     q = quant.lower()
     if q in QUANTS:
         return q
     if q in LLAMA_QUANTIZE_ONLY:
         raise LoraforgeError([Problem("--quant", f"{quant} is produced only by llama.cpp's own quantizer", value=quant,
                                       allowed=", ".join(QUANTS),
-                                      fix=f"export --quant f16, then: llama-quantize DIR/model-f16.gguf "
-                                          f"DIR/model-{quant.upper()}.gguf {quant.upper()}")], title="cannot quantize")
+                                      fix=f"export f16, then quantize it: {export_command} && "
+                                          f"{quantize_command(out, name, q)}{then}")], title="cannot quantize")
     from loraforge.errors import suggestion
 
     raise LoraforgeError([Problem("--quant", "unknown GGUF type", value=quant, allowed=", ".join(QUANTS),
