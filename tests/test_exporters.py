@@ -174,12 +174,13 @@ def test_refusals_name_the_problem(tiny_root, tmp_path):
     with pytest.raises(LoraforgeError, match="did you mean `gguf`"):
         export(model_dir, "guff", tmp_path / "c")
     with pytest.raises(LoraforgeError, match="llama.cpp runs 'gemma' models") as err:
-        export(_tiny("gemma", tiny_root), "gguf", tmp_path / "d")
-    assert "--to hf" in err.value.format()
-    with pytest.raises(LoraforgeError, match="no architecture for model_type 'gpt_bigcode'|model_type"):
-        from loraforge.exporters.gguf_model import arch_for
+        export(_tiny("gemma", tiny_root), "gguf", tmp_path / "d", name="g")
+    assert f"--to hf --out {tmp_path / 'd'}-hf --name g && python convert_hf_to_gguf.py {tmp_path / 'd'}-hf " \
+           f"--outfile {tmp_path / 'd' / 'g-f16.gguf'} --outtype f16" in err.value.format()
+    from loraforge.exporters.gguf_model import arch_for
 
-        arch_for("gpt_bigcode")
+    with pytest.raises(LoraforgeError, match="llama.cpp has no architecture for 'opt'"):
+        arch_for("opt")
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "keep.txt").write_text("x")
     with pytest.raises(LoraforgeError, match="not empty"):

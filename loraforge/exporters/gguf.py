@@ -7,6 +7,7 @@ else the built-in template (`chatml`…) written as Jinja — so llama.cpp's cha
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,14 @@ def stop_tokens(tokenizer: Any, template: str) -> list[str]:
     return list(dict.fromkeys(tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer, template))))
 
 
-def export_command(request: ExportRequest, target: str, quant: str) -> str:
-    """The `loraforge export` command line that repeats `request` with another `--quant`."""
+def export_command(request: ExportRequest, target: str, quant: str | None = None) -> str:
+    """The `loraforge export` command line that repeats `request` --to `target` (with `--quant`); --to hf
+    writes next to --out, in `<out>-hf`."""
     import shlex
 
-    args = ["loraforge", "export", str(request.run_dir), "--to", target, "--out", str(request.out), "--quant", quant]
+    out = request.out.with_name(request.out.name + "-hf") if target == "hf" else request.out
+    args = ["loraforge", "export", str(request.run_dir), "--to", target, "--out", str(out)]
+    args += ["--quant", quant] if quant else []
     for flag, value in (("--base", request.base), ("--name", request.name)):
         if value:
             args += [flag, value]
@@ -85,11 +89,10 @@ def write_model_gguf(request: ExportRequest, out_dir: Path, *, target: str = "gg
                            export_command=export_command(request, target, "f16"),
                            then=f" (then FROM ./{name}-{request.quant.upper()}.gguf in the Modelfile)"
                            if target == "ollama" else "")
-    source = resolve_run(request.run_dir, request.base)
+    source = converted_source(resolve_run(request.run_dir, request.base))
     require_mergeable(source, "gguf")
-    from transformers import AutoConfig
-
-    arch = gm.arch_for(AutoConfig.from_pretrained(source.model_dir).model_type)  # refuse before loading weights
+    raw = json.loads((source.model_dir / "config.json").read_text(encoding="utf-8"))
+    arch = gm.arch_of_config(raw, hf_route=hf_route(request, name))  # refuse before loading weights
     model, tokenizer = load_merged(source)
     chat_template, fmt, fmt_error = run_template(tokenizer, source.template)
     path = out_dir / f"{name}-{quant}.gguf"
@@ -103,6 +106,29 @@ def write_model_gguf(request: ExportRequest, out_dir: Path, *, target: str = "gg
 
     gm.write_gguf(path, arch, metadata, gm.plan_model_tensors(model, arch, quant), progress=request.progress)
     return GgufModel(path, quant, fmt, chat_template, stop_tokens(tokenizer, source.template), fmt_error)
+
+
+def converted_source(source: Any) -> Any:
+    """An original ChatGLM2/3 / Baichuan2 / Qwen-1 checkpoint given as the model itself → its native conversion
+    (cached, as when it is a run's base): Baichuan2 is then a `llama` model and Qwen-1 a `qwen2` one."""
+    from dataclasses import replace
+
+    from loraforge.models.gguf import resolve_model_path
+    from loraforge.models.native import needs_conversion
+
+    if source.adapter_dir is not None or not needs_conversion(source.model_dir):
+        return source
+    converted = resolve_model_path(source.model_dir)
+    return replace(source, run_dir=converted, model_dir=converted)
+
+
+def hf_route(request: ExportRequest, name: str) -> str:
+    """This export done by llama.cpp's converter instead: merged HF folder next to --out, then convert_hf_to_gguf."""
+    import shlex
+
+    merged = request.out.with_name(request.out.name + "-hf")
+    return (f"{export_command(request, 'hf')} && python convert_hf_to_gguf.py {shlex.quote(str(merged))} "
+            f"--outfile {shlex.quote(str(request.out / f'{name}-f16.gguf'))} --outtype f16")
 
 
 def model_name(request: ExportRequest) -> str:

@@ -41,23 +41,51 @@ ARCHS = {
     "qwen3": GgufArch("qwen3", permute_qk=False),
 }
 # Families llama.cpp runs that this writer does not convert yet (their converters need per-family tensor
-# surgery: Gemma's norm offset and embedding scale, GLM's fused gate_up, ChatGLM/Baichuan's packed QKV…).
-LLAMA_CPP_ONLY = ("gemma", "gemma2", "gemma3", "phi3", "glm", "glm4", "chatglm", "baichuan", "qwen", "gpt2",
-                  "gpt_neox", "falcon", "bloom", "phi", "starcoder2", "olmo", "internlm2", "deepseek_v2")
+# surgery: Gemma's norm offset and embedding scale, GLM's fused gate_up, Phi-3's fused QKV, Mixtral's experts…).
+# Matched by model_type or by loraforge's family name (models/registry.py).
+LLAMA_CPP_ONLY = ("gemma", "gemma2", "gemma3", "gemma3_text", "phi3", "phi", "glm", "glm4", "chatglm", "baichuan",
+                  "qwen", "internlm2", "gpt2", "gpt_bigcode", "gpt_neox", "falcon", "bloom", "mpt", "mixtral",
+                  "starcoder2", "olmo", "deepseek_v2")
+HF_ROUTE = ("loraforge export RUN_DIR --to hf --out merged && "
+            "python convert_hf_to_gguf.py merged --outfile model-f16.gguf --outtype f16")
 
 
-def arch_for(model_type: str) -> GgufArch:
-    """Raises: LoraforgeError naming the family and the way to export it."""
-    if model_type in ARCHS:
+def arch_for(model_type: str, *, family: str | None = None, kind: str = "decoder-only",
+             hf_route: str = HF_ROUTE) -> GgufArch:
+    """The writer's layout for `model_type`.
+
+    `family` is loraforge's family name and `kind` its kind (models/registry.py); `hf_route` the commands that
+    export this run through llama.cpp's own converter instead, printed when the writer refuses.
+
+    Raises:
+        LoraforgeError: naming the model type and family, and the way to export it.
+    """
+    if kind == "decoder-only" and model_type in ARCHS:
         return ARCHS[model_type]
-    if model_type in LLAMA_CPP_ONLY:
-        why = (f"llama.cpp runs {model_type!r} models, but loraforge's GGUF writer does not convert that family yet")
-        fix = ("export a merged HF folder (loraforge export RUN_DIR --to hf --out merged) and convert it with "
-               "llama.cpp's convert_hf_to_gguf.py merged")
+    named = f"{model_type!r}" + (f" ({family} family)" if family and family != model_type else "")
+    if kind != "decoder-only":
+        why = f"--to gguf writes decoder-only language models for llama.cpp; {named} is an {kind} model"
+        fix = "export it with --to hf"
+    elif model_type in LLAMA_CPP_ONLY or family in LLAMA_CPP_ONLY:
+        why = f"llama.cpp runs {named} models, but loraforge's GGUF writer does not convert that family yet"
+        fix = f"convert it with llama.cpp's own converter: {hf_route}"
     else:
-        why, fix = f"llama.cpp has no architecture for model_type {model_type!r}", "serve it with loraforge serve"
+        why, fix = f"llama.cpp has no architecture for {named}", "export it with --to hf, or serve it: loraforge serve"
     raise LoraforgeError([Problem("model_type", why, value=model_type, allowed=", ".join(ARCHS), fix=fix)],
                          title="cannot export to GGUF")
+
+
+def arch_of_config(config: dict, *, hf_route: str = HF_ROUTE) -> GgufArch:
+    """`arch_for` a config.json read as it is (a remote-code checkpoint's config cannot be loaded by transformers).
+
+    Raises:
+        LoraforgeError: see `arch_for`; or a config that does not say what kind of model it is.
+    """
+    from loraforge.models.registry import family_for, model_kind
+
+    fam = family_for(config)
+    return arch_for(str(config.get("model_type") or ""), family=fam.name if fam else None, kind=model_kind(config),
+                    hf_route=hf_route)
 
 
 def quantize_command(out: Path, name: str, quant: str, *, source: str = "f16") -> str:
