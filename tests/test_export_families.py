@@ -5,8 +5,9 @@
   the original code's greedy tokens and logits, tokenize the reference strings as transformers does, and turn
   the chat template stored in the file into the family's own prompt ids. A converted ChatGLM (`glm`) is
   refused by name with the llama.cpp-converter route.
-* Every family in `loraforge.models.registry.FAMILIES` is either written (and read back by transformers' GGUF
-  loader with the original logits) or refused with a LoraforgeError naming it — never another exception.
+* Every family in `loraforge.models.registry.FAMILIES` is either written (and run by llama.cpp, or read back by
+  transformers' GGUF loader, with the original logits) or refused with a LoraforgeError naming it — never
+  another exception. Gemma / Gemma 2 (norm weights + 1) run in llama.cpp like transformers.
 """
 
 from __future__ import annotations
@@ -203,8 +204,9 @@ def _config_dir(model_type: str, family, root: Path) -> Path:
 
 
 def _read_back_logits(model_dir: Path, gguf_file: Path, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(the HF model's logits, the GGUF's) — the GGUF run by llama.cpp, or by transformers' GGUF loader when
-    llama.cpp is absent (that loader ignores `qwen3.attention.key_length`, so tiny Qwen3 needs llama.cpp)."""
+    """(the HF model's logits, the GGUF's) — the GGUF run by llama.cpp (f32 KV cache), or by transformers' GGUF
+    loader when llama.cpp is absent (that loader has no `gemma` and ignores Qwen3's key_length and Gemma 2's
+    soft-capping / query scale, so those need llama.cpp)."""
     import transformers
 
     with torch.no_grad():
@@ -212,13 +214,14 @@ def _read_back_logits(model_dir: Path, gguf_file: Path, ids: list[int]) -> tuple
     try:
         import llama_cpp
     except ImportError:
-        if json.loads((model_dir / "config.json").read_text())["model_type"] == "qwen3":
-            pytest.skip("llama.cpp absent (scripts/llama_cpp.sh): transformers' GGUF loader misreads Qwen3 head_dim")
+        model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+        if model_type in ("qwen3", "gemma", "gemma2"):  # head_dim, soft-capping and query scale are not read
+            pytest.skip(f"llama.cpp absent (scripts/llama_cpp.sh): transformers' GGUF loader misreads {model_type}")
         with torch.no_grad():
             got = transformers.AutoModelForCausalLM.from_pretrained(
                 gguf_file.parent, gguf_file=gguf_file.name).eval()(torch.tensor([ids])).logits[0]
         return want.numpy(), got.numpy()
-    llm = llama_cpp.Llama(str(gguf_file), n_ctx=32, logits_all=True, verbose=False, n_threads=1)
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=32, logits_all=True, verbose=False, n_threads=1, type_k=0, type_v=0)
     try:
         llm.eval(ids)
         return want.numpy(), np.array(llm.scores[: len(ids)])
@@ -235,18 +238,76 @@ def test_every_registry_family_is_written_or_refused_by_name(tmp_path):
     for family in FAMILIES:
         for model_type in family.model_types:
             out = tmp_path / f"gguf-{model_type}"
-            if model_type in ARCHS:
-                model_dir = tiny_model_dir(model_type, tmp_path / "tiny")
+            # a layout the writer has: a real tiny model; any other: config.json alone (refused before weights)
+            model_dir = tiny_model_dir(model_type, tmp_path / "tiny") if model_type in ARCHS else \
+                _config_dir(model_type, family, tmp_path / "configs")
+            try:
                 result = export(model_dir, "gguf", out, quant="f32", progress=False)
-                want, got = _read_back_logits(model_dir, result.files[0], [1, 100, 200, 300, 2, 17])
-                assert np.abs(got - want).max() <= 1e-3, model_type
-                written.append(model_type)
+            except LoraforgeError as err:  # anything else (a crash) fails the test
+                text = err.format()
+                assert model_type in text and family.name in text, text
+                assert not out.exists()
+                refused.append(model_type)
                 continue
-            with pytest.raises(LoraforgeError) as err:  # anything else (a crash) fails the test
-                export(_config_dir(model_type, family, tmp_path / "configs"), "gguf", out, progress=False)
-            text = err.value.format()
-            assert f"'{model_type}'" in text and family.name in text, text
-            assert not out.exists()
-            refused.append(model_type)
-    assert sorted(written) == sorted(ARCHS)  # each layout the writer has is exercised
-    assert {"gemma", "glm", "chatglm", "baichuan", "qwen", "t5", "bert"} <= set(refused)
+            want, got = _read_back_logits(model_dir, result.files[0], [1, 100, 200, 300, 2, 17])
+            assert np.abs(got - want).max() <= 1e-3, model_type
+            written.append(model_type)
+    assert sorted(written) == ["gemma", "llama", "mistral", "qwen2", "qwen3"]
+    # tiny Gemma 2 scales queries by 1/sqrt(256) with head_dim 8, which llama.cpp's graph cannot express
+    assert {"gemma2", "gemma3", "glm", "chatglm", "baichuan", "qwen", "mixtral", "t5", "bert"} <= set(refused)
+
+
+# ---------------------------------------------------------------------------------------------------- Gemma
+
+def _gemma_dir(family: str, root: Path, **overrides) -> Path:
+    """A tiny Gemma / Gemma 2 with the SmolLM2 tokenizer and random norm weights (so the +1 offset matters)."""
+    import transformers
+
+    from loraforge.models.gguf import resolve_model_path
+    from loraforge.models.tiny import tiny_config
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model_path("smollm2"))
+    cfg = tiny_config(family, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.bos_token_id, **overrides)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    out = root / family
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("family,overrides,tol", [("gemma", {}, 1e-4),
+                                                  # llama.cpp's GELU is tabulated in fp16 on CPU
+                                                  ("gemma2", {"query_pre_attn_scalar": 8}, 1e-3)])
+def test_gemma_runs_in_llama_cpp_like_transformers(tmp_path, family, overrides, tol):
+    import gguf
+
+    model_dir = _gemma_dir(family, tmp_path, **overrides)
+    path = export(model_dir, "gguf", tmp_path / "out", quant="f32", progress=False).files[0]
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.architecture"].contents() == family
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    from safetensors.torch import load_file
+
+    hf = load_file(str(model_dir / "model.safetensors"))
+    assert np.allclose(tensors["blk.1.attn_norm.weight"], hf["model.layers.1.input_layernorm.weight"].numpy() + 1)
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    if family == "gemma2":
+        assert reader.fields["gemma2.final_logit_softcapping"].contents() == 30.0
+    _llama_cpp()
+    want, got = _read_back_logits(model_dir, path, [1, 100, 200, 300, 400, 2, 17, 9000])
+    assert np.abs(got - want).max() <= tol
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_gemma2_that_llama_cpp_cannot_express_is_refused(tmp_path):
+    model_dir = _gemma_dir("gemma2", tmp_path, attn_logit_softcapping=None)  # and query_pre_attn_scalar 256
+    with pytest.raises(LoraforgeError, match="gemma2 model to GGUF") as err:
+        export(model_dir, "gguf", tmp_path / "out", progress=False)
+    assert [p.key for p in err.value.problems] == ["attn_logit_softcapping", "query_pre_attn_scalar"]
+    assert not (tmp_path / "out").exists()

@@ -93,6 +93,9 @@ def write_model_gguf(request: ExportRequest, out_dir: Path, *, target: str = "gg
     require_mergeable(source, "gguf")
     raw = json.loads((source.model_dir / "config.json").read_text(encoding="utf-8"))
     arch = gm.arch_of_config(raw, hf_route=hf_route(request, name))  # refuse before loading weights
+    from transformers import AutoConfig
+
+    gm.check_config(AutoConfig.from_pretrained(source.model_dir))
     model, tokenizer = load_merged(source)
     chat_template, fmt, fmt_error = run_template(tokenizer, source.template)
     path = out_dir / f"{name}-{quant}.gguf"

@@ -6,8 +6,10 @@ the model. Tensor names come from the `gguf` package's maps (`model.layers.0.sel
 `blk.0.attn_q.weight`); quantization is the `gguf` package's numpy code.
 
 Per family (`ARCHS`): LLaMA-layout GGUFs (llama, mistral) rotate query/key pairs interleaved, HF checkpoints
-rotate halves, so q_proj/k_proj rows are permuted as llama.cpp's own converter does; Qwen2/3 use the NeoX
-(halves) rotation in llama.cpp and are written as they are.
+rotate halves, so q_proj/k_proj rows are permuted as llama.cpp's own converter does; Qwen2/3 and Gemma use the
+NeoX (halves) rotation in llama.cpp and are written as they are. Gemma's RMSNorm multiplies by (1 + weight)
+while llama.cpp's multiplies by the stored weight, so every norm weight is written plus one (transformers' GGUF
+loader subtracts it again); the sqrt(hidden) embedding scale and Gemma 2's soft-capping are in llama.cpp's graph.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class GgufArch:
 
     name: str  # gguf MODEL_ARCH name, e.g. "llama"
     permute_qk: bool  # LLaMA layout: HF half-rotation → interleaved pairs
+    norm_plus_one: bool = False  # Gemma: HF scales by (1 + w), llama.cpp by w
 
 
 ARCHS = {
@@ -39,11 +42,13 @@ ARCHS = {
     "mistral": GgufArch("llama", permute_qk=True),  # llama.cpp runs Mistral as `llama`
     "qwen2": GgufArch("qwen2", permute_qk=False),
     "qwen3": GgufArch("qwen3", permute_qk=False),
+    "gemma": GgufArch("gemma", permute_qk=False, norm_plus_one=True),
+    "gemma2": GgufArch("gemma2", permute_qk=False, norm_plus_one=True),
 }
 # Families llama.cpp runs that this writer does not convert yet (their converters need per-family tensor
 # surgery: Gemma's norm offset and embedding scale, GLM's fused gate_up, Phi-3's fused QKV, Mixtral's experts…).
 # Matched by model_type or by loraforge's family name (models/registry.py).
-LLAMA_CPP_ONLY = ("gemma", "gemma2", "gemma3", "gemma3_text", "phi3", "phi", "glm", "glm4", "chatglm", "baichuan",
+LLAMA_CPP_ONLY = ("gemma3", "gemma3_text", "phi3", "phi", "glm", "glm4", "chatglm", "baichuan",
                   "qwen", "internlm2", "gpt2", "gpt_bigcode", "gpt_neox", "falcon", "bloom", "mpt", "mixtral",
                   "starcoder2", "olmo", "deepseek_v2")
 HF_ROUTE = ("loraforge export RUN_DIR --to hf --out merged && "
@@ -151,6 +156,41 @@ def add_arch_metadata(writer: Any, config: Any, *, name: str) -> None:
     writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
+    if config.model_type == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(int(config.sliding_window))
+
+
+def check_config(config: Any) -> None:
+    """What llama.cpp's graph for the family fixes rather than reads must hold: for Gemma the tanh-GELU, and
+    Gemma 2's query scale 1/sqrt(head_dim) (1/sqrt(hidden/heads) only for the 46-layer 27B). Checked before
+    the weights are loaded.
+
+    Raises:
+        LoraforgeError: naming the config field, its value and the one llama.cpp assumes.
+    """
+    if not config.model_type.startswith("gemma"):
+        return
+    fix = "export --to hf and convert with llama.cpp's convert_hf_to_gguf.py"
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    problems = []
+    if act != "gelu_pytorch_tanh":
+        problems.append(Problem("hidden_activation", "llama.cpp's Gemma graph uses the tanh approximation of GELU",
+                                value=act, allowed="gelu_pytorch_tanh", fix=fix))
+    if config.model_type == "gemma2":
+        per_head = config.hidden_size // config.num_attention_heads
+        allowed = {config.head_dim} | ({per_head} if config.num_hidden_layers == 46 else set())
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if not getattr(config, key, None):  # llama.cpp divides by it: 0 would be NaN logits
+                problems.append(Problem(key, "llama.cpp's Gemma 2 graph always soft-caps", value=getattr(config, key),
+                                        allowed="a positive number (Gemma 2 checkpoints: 50.0 / 30.0)", fix=fix))
+        if config.query_pre_attn_scalar not in allowed:
+            problems.append(Problem("query_pre_attn_scalar", "llama.cpp scales Gemma 2 queries by 1/sqrt(head_dim)",
+                                    value=config.query_pre_attn_scalar,
+                                    allowed=", ".join(map(str, sorted(allowed))), fix=fix))
+    if problems:
+        raise LoraforgeError(problems, title=f"cannot export this {config.model_type} model to GGUF")
 
 
 def _rope_theta(config: Any) -> float:
@@ -204,14 +244,15 @@ def plan_model_tensors(model: Any, arch: GgufArch, quant: str) -> list[PlannedTe
         n_head = heads if hf_name.endswith("q_proj.weight") else kv_heads if hf_name.endswith("k_proj.weight") else 0
         permute = arch.permute_qk and n_head and tensor.dim() == 2
         qtype = _tensor_type(tuple(tensor.shape), quant)
+        plus_one = arch.norm_plus_one and hf_name.endswith("norm.weight")
         planned.append(PlannedTensor(name, tuple(tensor.shape), qtype, _nbytes(tuple(tensor.shape), qtype),
-                                     _loader(tensor, n_head if permute else 0)))
+                                     _loader(tensor, n_head if permute else 0, plus_one)))
     return planned
 
 
-def _loader(tensor: Any, permute_heads: int) -> Callable[[], Any]:
+def _loader(tensor: Any, permute_heads: int, plus_one: bool = False) -> Callable[[], Any]:
     def load() -> Any:
-        data = tensor.detach().float().cpu().numpy()
+        data = tensor.detach().float().cpu().numpy() + (1.0 if plus_one else 0.0)
         return permute_rows(data, permute_heads) if permute_heads else data
     return load
 
