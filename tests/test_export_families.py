@@ -177,7 +177,8 @@ def test_converted_chatglm_is_refused_by_name(tmp_path, monkeypatch):
             export(model_dir, "gguf", out, progress=False)
         fix = err.value.problems[0].fix
         assert f"loraforge export {model_dir} --to hf --out {out}-hf" in fix
-        assert f"convert_hf_to_gguf.py {out}-hf --outfile {out / (model_dir.name + '-f16.gguf')}" in fix
+        assert f"mkdir -p {out} && python convert_hf_to_gguf.py {out}-hf --outfile " \
+               f"{out / (model_dir.name + '-f16.gguf')} --outtype f16" in fix
         assert not out.exists()
 
 

@@ -175,7 +175,7 @@ def test_refusals_name_the_problem(tiny_root, tmp_path):
         export(model_dir, "guff", tmp_path / "c")
     with pytest.raises(LoraforgeError, match="llama.cpp runs 'phi3' models") as err:
         export(_tiny("phi3", tiny_root), "gguf", tmp_path / "d", name="g")
-    assert f"--to hf --out {tmp_path / 'd'}-hf --name g && python convert_hf_to_gguf.py {tmp_path / 'd'}-hf " \
+    assert f"--to hf --out {tmp_path / 'd'}-hf --name g && mkdir -p {tmp_path / 'd'} && python convert_hf_to_gguf.py {tmp_path / 'd'}-hf " \
            f"--outfile {tmp_path / 'd' / 'g-f16.gguf'} --outtype f16" in err.value.format()
     from loraforge.exporters.gguf_model import arch_for
 

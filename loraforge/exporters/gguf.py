@@ -80,6 +80,8 @@ def write_model_gguf(request: ExportRequest, out_dir: Path, *, target: str = "gg
         LoraforgeError: an unknown/unsupported quant type, an adapter that cannot be merged, or a family the
             writer does not convert (named, with the alternative).
     """
+    from transformers import AutoConfig
+
     import loraforge.exporters.gguf_model as gm
     from loraforge.exporters.gguf_vocab import add_tokenizer
     from loraforge.exporters.source import load_merged, require_mergeable, resolve_run, source_gguf
@@ -93,8 +95,6 @@ def write_model_gguf(request: ExportRequest, out_dir: Path, *, target: str = "gg
     require_mergeable(source, "gguf")
     raw = json.loads((source.model_dir / "config.json").read_text(encoding="utf-8"))
     arch = gm.arch_of_config(raw, hf_route=hf_route(request, name))  # refuse before loading weights
-    from transformers import AutoConfig
-
     gm.check_config(AutoConfig.from_pretrained(source.model_dir))
     model, tokenizer = load_merged(source)
     chat_template, fmt, fmt_error = run_template(tokenizer, source.template)
@@ -130,7 +130,8 @@ def hf_route(request: ExportRequest, name: str) -> str:
     import shlex
 
     merged = request.out.with_name(request.out.name + "-hf")
-    return (f"{export_command(request, 'hf')} && python convert_hf_to_gguf.py {shlex.quote(str(merged))} "
+    return (f"{export_command(request, 'hf')} && mkdir -p {shlex.quote(str(request.out))} && "
+            f"python convert_hf_to_gguf.py {shlex.quote(str(merged))} "
             f"--outfile {shlex.quote(str(request.out / f'{name}-f16.gguf'))} --outtype f16")
 
 

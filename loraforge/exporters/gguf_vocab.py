@@ -120,7 +120,10 @@ def _spm_tokens(spec: dict) -> tuple[list[str], list[float], list[int]]:
     n = max(by_id) + 1
     missing = [i for i in range(n) if i not in by_id]
     if missing:
-        raise ValueError(f"tokenizer ids {missing[:5]} have no token")
+        from loraforge.errors import LoraforgeError, Problem
+
+        raise LoraforgeError([Problem("tokenizer", "the vocabulary has ids without a token", value=missing[:5],
+                                      fix="repair tokenizer.json (every id below the largest needs a token)")])
     tokens = [by_id[i] for i in range(n)]
     # Pieces no merge builds (single characters, bytes, specials) never win a merge in transformers either.
     scores = [float(-rank[t]) if t in rank else -1e9 for t in tokens]
