@@ -169,25 +169,53 @@ def test_merged_lora_gguf_matches_the_merged_model(tiny_root, tmp_path):
 
 def test_refusals_name_the_problem(tiny_root, tmp_path):
     model_dir = _tiny("llama", tiny_root)
-    with pytest.raises(LoraforgeError, match="llama-quantize") as err:
-        export(model_dir, "gguf", tmp_path / "a", quant="q4_k_m")
-    assert "--quant f16" in err.value.format() and "Q4_K_M" in err.value.format()
     with pytest.raises(LoraforgeError, match="did you mean `q8_0`"):
         export(model_dir, "gguf", tmp_path / "b", quant="q8_O")
     with pytest.raises(LoraforgeError, match="did you mean `gguf`"):
         export(model_dir, "guff", tmp_path / "c")
-    with pytest.raises(LoraforgeError, match="llama.cpp runs 'gemma' models") as err:
-        export(_tiny("gemma", tiny_root), "gguf", tmp_path / "d")
-    assert "--to hf" in err.value.format()
-    with pytest.raises(LoraforgeError, match="no architecture for model_type 'gpt_bigcode'|model_type"):
-        from loraforge.exporters.gguf_model import arch_for
+    with pytest.raises(LoraforgeError, match="llama.cpp runs 'phi3' models") as err:
+        export(_tiny("phi3", tiny_root), "gguf", tmp_path / "d", name="g")
+    assert f"--to hf --out {tmp_path / 'd'}-hf --name g && mkdir -p {tmp_path / 'd'} && python convert_hf_to_gguf.py {tmp_path / 'd'}-hf " \
+           f"--outfile {tmp_path / 'd' / 'g-f16.gguf'} --outtype f16" in err.value.format()
+    from loraforge.exporters.gguf_model import arch_for
 
-        arch_for("gpt_bigcode")
+    with pytest.raises(LoraforgeError, match="llama.cpp has no architecture for 'opt'"):
+        arch_for("opt")
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "keep.txt").write_text("x")
     with pytest.raises(LoraforgeError, match="not empty"):
         export(model_dir, "gguf", tmp_path / "e")
     assert not any(p.name.startswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_quantize_commands_name_the_real_files(tiny_root, tmp_path):
+    """A k-quant refusal prints the two commands that make it, with the real paths: the f16 export (run here
+    through the CLI, as the user would paste it) writes exactly the file its llama-quantize line reads."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+
+    model_dir = _tiny("llama", tiny_root)
+    out = tmp_path / "my out"
+    with pytest.raises(LoraforgeError, match="only by llama.cpp's own quantizer") as err:
+        export(model_dir, "gguf", out, quant="Q4_K_M", name="pet")
+    assert not out.exists()
+    export_cmd, quantize = err.value.problems[0].fix.split(": ", 1)[1].split(" && ")
+    assert shlex.split(export_cmd) == ["loraforge", "export", str(model_dir), "--to", "gguf", "--out", str(out),
+                                       "--quant", "f16", "--name", "pet"]
+    expected = ["llama-quantize", str(out / "pet-f16.gguf"), str(out / "pet-Q4_K_M.gguf"), "Q4_K_M"]
+    assert shlex.split(quantize) == expected
+    res = CliRunner().invoke(app, shlex.split(export_cmd)[1:])
+    assert res.exit_code == 0, res.output
+    assert (out / "pet-f16.gguf").is_file() and [p.name for p in out.iterdir()] == ["pet-f16.gguf"]
+    (last,) = [line for line in res.output.splitlines() if "llama-quantize" in line]
+    assert shlex.split(last.split(": ", 1)[1]) == expected  # the f16 export's own closing line: same command
+    with pytest.raises(LoraforgeError) as err:  # Ollama: the same, and where the quantized file goes
+        export(model_dir, "ollama", tmp_path / "o", quant="q5_k_s")
+    assert err.value.problems[0].fix.endswith(f"Q5_K_S (then FROM ./{model_dir.name}-Q5_K_S.gguf in the Modelfile)")
+    assert f"--to ollama --out {tmp_path / 'o'} --quant f16" in err.value.problems[0].fix
 
 
 def test_prompt_learning_adapter_is_refused_by_every_weight_target(tiny_root, tmp_path):

@@ -100,6 +100,8 @@ def _planned(name: str, tensor: Any, permute_heads: int, scale: float) -> Any:
 
 
 def _run(request: ExportRequest) -> ExportResult:
+    import shlex
+
     from transformers import AutoConfig
 
     import loraforge.exporters.gguf_model as gm
@@ -114,7 +116,9 @@ def _run(request: ExportRequest) -> ExportResult:
     if problems:
         raise LoraforgeError(problems, title="cannot export --to gguf-lora")
     model_config = AutoConfig.from_pretrained(source.model_dir)
-    arch = gm.arch_for(model_config.model_type)
+    route = (f"python convert_lora_to_gguf.py {shlex.quote(str(source.adapter_dir))} --base "
+             f"{shlex.quote(str(source.model_dir))} --outfile {shlex.quote(str(request.out / 'lora.gguf'))}")
+    arch = gm.arch_of_config(model_config.to_dict(), hf_route=route)
     tensors, alpha = plan_lora_tensors(source.adapter_dir, source.peft_config, model_config, arch)
     name = request.name or source.run_dir.resolve().name
     base_ref = request.base_gguf or str(source.model_dir)

@@ -6,8 +6,10 @@ the model. Tensor names come from the `gguf` package's maps (`model.layers.0.sel
 `blk.0.attn_q.weight`); quantization is the `gguf` package's numpy code.
 
 Per family (`ARCHS`): LLaMA-layout GGUFs (llama, mistral) rotate query/key pairs interleaved, HF checkpoints
-rotate halves, so q_proj/k_proj rows are permuted as llama.cpp's own converter does; Qwen2/3 use the NeoX
-(halves) rotation in llama.cpp and are written as they are.
+rotate halves, so q_proj/k_proj rows are permuted as llama.cpp's own converter does; Qwen2/3 and Gemma use the
+NeoX (halves) rotation in llama.cpp and are written as they are. Gemma's RMSNorm multiplies by (1 + weight)
+while llama.cpp's multiplies by the stored weight, so every norm weight is written plus one (transformers' GGUF
+loader subtracts it again); the sqrt(hidden) embedding scale and Gemma 2's soft-capping are in llama.cpp's graph.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class GgufArch:
 
     name: str  # gguf MODEL_ARCH name, e.g. "llama"
     permute_qk: bool  # LLaMA layout: HF half-rotation → interleaved pairs
+    norm_plus_one: bool = False  # Gemma: HF scales by (1 + w), llama.cpp by w
 
 
 ARCHS = {
@@ -39,37 +42,84 @@ ARCHS = {
     "mistral": GgufArch("llama", permute_qk=True),  # llama.cpp runs Mistral as `llama`
     "qwen2": GgufArch("qwen2", permute_qk=False),
     "qwen3": GgufArch("qwen3", permute_qk=False),
+    "gemma": GgufArch("gemma", permute_qk=False, norm_plus_one=True),
+    "gemma2": GgufArch("gemma2", permute_qk=False, norm_plus_one=True),
 }
 # Families llama.cpp runs that this writer does not convert yet (their converters need per-family tensor
-# surgery: Gemma's norm offset and embedding scale, GLM's fused gate_up, ChatGLM/Baichuan's packed QKV…).
-LLAMA_CPP_ONLY = ("gemma", "gemma2", "gemma3", "phi3", "glm", "glm4", "chatglm", "baichuan", "qwen", "gpt2",
-                  "gpt_neox", "falcon", "bloom", "phi", "starcoder2", "olmo", "internlm2", "deepseek_v2")
+# surgery: Gemma's norm offset and embedding scale, GLM's fused gate_up, Phi-3's fused QKV, Mixtral's experts…).
+# Matched by model_type or by loraforge's family name (models/registry.py).
+LLAMA_CPP_ONLY = ("gemma3", "gemma3_text", "phi3", "phi", "glm", "glm4", "chatglm", "baichuan",
+                  "qwen", "internlm2", "gpt2", "gpt_bigcode", "gpt_neox", "falcon", "bloom", "mpt", "mixtral",
+                  "starcoder2", "olmo", "deepseek_v2")
+HF_ROUTE = ("loraforge export RUN_DIR --to hf --out merged && "
+            "python convert_hf_to_gguf.py merged --outfile model-f16.gguf --outtype f16")
 
 
-def arch_for(model_type: str) -> GgufArch:
-    """Raises: LoraforgeError naming the family and the way to export it."""
-    if model_type in ARCHS:
+def arch_for(model_type: str, *, family: str | None = None, kind: str = "decoder-only",
+             hf_route: str = HF_ROUTE) -> GgufArch:
+    """The writer's layout for `model_type`.
+
+    `family` is loraforge's family name and `kind` its kind (models/registry.py); `hf_route` the commands that
+    export this run through llama.cpp's own converter instead, printed when the writer refuses.
+
+    Raises:
+        LoraforgeError: naming the model type and family, and the way to export it.
+    """
+    if kind == "decoder-only" and model_type in ARCHS:
         return ARCHS[model_type]
-    if model_type in LLAMA_CPP_ONLY:
-        why = (f"llama.cpp runs {model_type!r} models, but loraforge's GGUF writer does not convert that family yet")
-        fix = ("export a merged HF folder (loraforge export RUN_DIR --to hf --out merged) and convert it with "
-               "llama.cpp's convert_hf_to_gguf.py merged")
+    named = f"{model_type!r}" + (f" ({family} family)" if family and family != model_type else "")
+    if kind != "decoder-only":
+        why = f"--to gguf writes decoder-only language models for llama.cpp; {named} is an {kind} model"
+        fix = "export it with --to hf"
+    elif model_type in LLAMA_CPP_ONLY or family in LLAMA_CPP_ONLY:
+        why = f"llama.cpp runs {named} models, but loraforge's GGUF writer does not convert that family yet"
+        fix = f"convert it with llama.cpp's own converter: {hf_route}"
     else:
-        why, fix = f"llama.cpp has no architecture for model_type {model_type!r}", "serve it with loraforge serve"
+        why, fix = f"llama.cpp has no architecture for {named}", "export it with --to hf, or serve it: loraforge serve"
     raise LoraforgeError([Problem("model_type", why, value=model_type, allowed=", ".join(ARCHS), fix=fix)],
                          title="cannot export to GGUF")
 
 
-def check_quant(quant: str) -> str:
-    """Raises: LoraforgeError for a type the `gguf` package cannot write, with the llama-quantize command."""
+def arch_of_config(config: dict, *, hf_route: str = HF_ROUTE) -> GgufArch:
+    """`arch_for` a config.json read as it is (a remote-code checkpoint's config cannot be loaded by transformers).
+
+    Raises:
+        LoraforgeError: see `arch_for`; or a config that does not say what kind of model it is.
+    """
+    from loraforge.models.registry import family_for, model_kind
+
+    fam = family_for(config)
+    return arch_for(str(config.get("model_type") or ""), family=fam.name if fam else None, kind=model_kind(config),
+                    hf_route=hf_route)
+
+
+def quantize_command(out: Path, name: str, quant: str, *, source: str = "f16") -> str:
+    """The llama-quantize command that turns the exported `out/<name>-<source>.gguf` into `quant`."""
+    import shlex
+
+    q = quant.upper()
+    return (f"llama-quantize {shlex.quote(str(out / f'{name}-{source}.gguf'))} "
+            f"{shlex.quote(str(out / f'{name}-{q}.gguf'))} {q}")
+
+
+def check_quant(quant: str, *, out: Path, name: str, export_command: str, then: str = "") -> str:
+    """`quant` lower-cased when the `gguf` package writes it.
+
+    `out`/`name` are the export's folder and model name and `export_command` the same export at f16, so a
+    refusal prints the exact two commands that produce the type (the f16 file's real path included), and
+    `then` what to do after them.
+
+    Raises:
+        LoraforgeError: a type only llama.cpp's quantizer writes (with those commands), or an unknown type.
+    """
     q = quant.lower()
     if q in QUANTS:
         return q
     if q in LLAMA_QUANTIZE_ONLY:
         raise LoraforgeError([Problem("--quant", f"{quant} is produced only by llama.cpp's own quantizer", value=quant,
                                       allowed=", ".join(QUANTS),
-                                      fix=f"export --quant f16, then: llama-quantize DIR/model-f16.gguf "
-                                          f"DIR/model-{quant.upper()}.gguf {quant.upper()}")], title="cannot quantize")
+                                      fix=f"export f16, then quantize it: {export_command} && "
+                                          f"{quantize_command(out, name, q)}{then}")], title="cannot quantize")
     from loraforge.errors import suggestion
 
     raise LoraforgeError([Problem("--quant", "unknown GGUF type", value=quant, allowed=", ".join(QUANTS),
@@ -106,6 +156,41 @@ def add_arch_metadata(writer: Any, config: Any, *, name: str) -> None:
     writer.add_rope_freq_base(float(_rope_theta(config)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
+    if config.model_type == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        writer.add_sliding_window(int(config.sliding_window))
+
+
+def check_config(config: Any) -> None:
+    """What llama.cpp's graph for the family fixes rather than reads must hold: for Gemma the tanh-GELU, and
+    Gemma 2's query scale 1/sqrt(head_dim) (1/sqrt(hidden/heads) only for the 46-layer 27B). Checked before
+    the weights are loaded.
+
+    Raises:
+        LoraforgeError: naming the config field, its value and the one llama.cpp assumes.
+    """
+    if not config.model_type.startswith("gemma"):
+        return
+    fix = "export --to hf and convert with llama.cpp's convert_hf_to_gguf.py"
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    problems = []
+    if act != "gelu_pytorch_tanh":
+        problems.append(Problem("hidden_activation", "llama.cpp's Gemma graph uses the tanh approximation of GELU",
+                                value=act, allowed="gelu_pytorch_tanh", fix=fix))
+    if config.model_type == "gemma2":
+        per_head = config.hidden_size // config.num_attention_heads
+        allowed = {config.head_dim} | ({per_head} if config.num_hidden_layers == 46 else set())
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if not getattr(config, key, None):  # llama.cpp divides by it: 0 would be NaN logits
+                problems.append(Problem(key, "llama.cpp's Gemma 2 graph always soft-caps", value=getattr(config, key),
+                                        allowed="a positive number (Gemma 2 checkpoints: 50.0 / 30.0)", fix=fix))
+        if config.query_pre_attn_scalar not in allowed:
+            problems.append(Problem("query_pre_attn_scalar", "llama.cpp scales Gemma 2 queries by 1/sqrt(head_dim)",
+                                    value=config.query_pre_attn_scalar,
+                                    allowed=", ".join(map(str, sorted(allowed))), fix=fix))
+    if problems:
+        raise LoraforgeError(problems, title=f"cannot export this {config.model_type} model to GGUF")
 
 
 def _rope_theta(config: Any) -> float:
@@ -159,14 +244,15 @@ def plan_model_tensors(model: Any, arch: GgufArch, quant: str) -> list[PlannedTe
         n_head = heads if hf_name.endswith("q_proj.weight") else kv_heads if hf_name.endswith("k_proj.weight") else 0
         permute = arch.permute_qk and n_head and tensor.dim() == 2
         qtype = _tensor_type(tuple(tensor.shape), quant)
+        plus_one = arch.norm_plus_one and hf_name.endswith("norm.weight")
         planned.append(PlannedTensor(name, tuple(tensor.shape), qtype, _nbytes(tuple(tensor.shape), qtype),
-                                     _loader(tensor, n_head if permute else 0)))
+                                     _loader(tensor, n_head if permute else 0, plus_one)))
     return planned
 
 
-def _loader(tensor: Any, permute_heads: int) -> Callable[[], Any]:
+def _loader(tensor: Any, permute_heads: int, plus_one: bool = False) -> Callable[[], Any]:
     def load() -> Any:
-        data = tensor.detach().float().cpu().numpy()
+        data = tensor.detach().float().cpu().numpy() + (1.0 if plus_one else 0.0)
         return permute_rows(data, permute_heads) if permute_heads else data
     return load
 

@@ -3,8 +3,12 @@ add-BOS/EOS flags and the chat template.
 
 Two vocabulary kinds, as llama.cpp names them:
 - `gpt2`: byte-level BPE (SmolLM2, Qwen2/3, Llama-3): tokens in id order plus the merge list.
-- `llama`: SentencePiece-style (Llama-2, Mistral, Gemma): tokens with scores and byte tokens, read by the
-  `gguf` package's own `SentencePieceVocab` / `LlamaHfVocab` from the saved tokenizer files.
+- `llama`: SentencePiece-style BPE with byte fallback (Llama-2, Mistral, a converted Baichuan2): tokens with
+  scores and types. llama.cpp merges the adjacent pair whose concatenation has the highest score, so from a
+  fast tokenizer the score of a piece is minus the rank of the first merge that builds it (`_spm_tokens`):
+  the order HF's BPE applies its merges. Only a slow tokenizer falls back to `tokenizer.model` (the `gguf`
+  package's `SentencePieceVocab`). `add_space_prefix` (SentencePiece's dummy prefix, which llama.cpp applies
+  unless told otherwise) is read off the tokenizer's own output, not a config flag.
 
 `tokenizer.ggml.pre` names llama.cpp's pre-tokenizer regex. llama.cpp's converter identifies it by hashing a
 test tokenization; here it comes from the base's source GGUF when the base was imported from one (the built-in
@@ -30,6 +34,8 @@ def add_tokenizer(writer: Any, tokenizer: Any, *, family: str, n_vocab: int, cha
     Raises:
         LoraforgeError: a tokenizer that is neither byte-level BPE nor SentencePiece.
     """
+    import gguf
+
     spec = json.loads(tokenizer.backend_tokenizer.to_str()) if getattr(tokenizer, "is_fast", False) else None
     model = (spec or {}).get("model", {})
     byte_level = model.get("type") == "BPE" and not model.get("byte_fallback") and \
@@ -45,7 +51,15 @@ def add_tokenizer(writer: Any, tokenizer: Any, *, family: str, n_vocab: int, cha
         writer.add_add_space_prefix(False)
     else:
         kind = "llama"
-        _sentencepiece_tokens(writer, tokenizer, n_vocab)
+        tokens, scores, types = _spm_tokens(spec) if model.get("type") == "BPE" else _sentencepiece_model(tokenizer)
+        _check_size(len(tokens), n_vocab)
+        pad = range(len(tokens), n_vocab)  # embedding rows past the vocabulary
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens + [f"[PAD{i}]" for i in pad])
+        writer.add_token_scores(scores + [-1000.0 for _ in pad])
+        writer.add_token_types(types + [int(gguf.TokenType.UNUSED) for _ in pad])
+        writer.add_add_space_prefix(_adds_space_prefix(tokenizer))
     for name, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
                       ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
         if tid is not None:
@@ -70,44 +84,75 @@ def _bpe_tokens(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
     for added in spec.get("added_tokens", []):
         by_id[int(added["id"])] = added["content"]
         types[int(added["id"])] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    if max(by_id) >= n_vocab:
-        from loraforge.errors import LoraforgeError, Problem
-
-        raise LoraforgeError([Problem("tokenizer", "the tokenizer has more tokens than the model's embedding rows",
-                                      value=f"{max(by_id) + 1} > {n_vocab}",
-                                      fix="resize the model's embeddings to the tokenizer before exporting")])
+    _check_size(max(by_id) + 1, n_vocab)
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
     return tokens, [int(types.get(i, gguf.TokenType.UNUSED)) for i in range(n_vocab)]
 
 
-def _sentencepiece_tokens(writer: Any, tokenizer: Any, n_vocab: int) -> None:
+def _check_size(n_tokens: int, n_vocab: int) -> None:
+    if n_tokens > n_vocab:
+        from loraforge.errors import LoraforgeError, Problem
+
+        raise LoraforgeError([Problem("tokenizer", "the tokenizer has more tokens than the model's embedding rows",
+                                      value=f"{n_tokens} > {n_vocab}",
+                                      fix="resize the model's embeddings to the tokenizer before exporting")])
+
+
+def _spm_tokens(spec: dict) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, types) in id order from a fast tokenizer's BPE: `<0xNN>` pieces are BYTE, the unknown
+    piece UNKNOWN, added special tokens CONTROL and other added tokens USER_DEFINED (llama.cpp matches those
+    in raw text before merging, as transformers matches added tokens)."""
+    import gguf
+
+    model = spec["model"]
+    by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    kinds = {i: gguf.TokenType.BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+             else gguf.TokenType.NORMAL for i, t in by_id.items()}
+    for added in spec.get("added_tokens", []):
+        by_id[int(added["id"])] = added["content"]
+        kinds[int(added["id"])] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    if model.get("unk_token") in model["vocab"]:
+        kinds[model["vocab"][model["unk_token"]]] = gguf.TokenType.UNKNOWN
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+    rank: dict[str, int] = {}
+    for r, (left, right) in enumerate(merges):
+        rank.setdefault(left + right, r)
+    n = max(by_id) + 1
+    missing = [i for i in range(n) if i not in by_id]
+    if missing:
+        from loraforge.errors import LoraforgeError, Problem
+
+        raise LoraforgeError([Problem("tokenizer", "the vocabulary has ids without a token", value=missing[:5],
+                                      fix="repair tokenizer.json (every id below the largest needs a token)")])
+    tokens = [by_id[i] for i in range(n)]
+    # Pieces no merge builds (single characters, bytes, specials) never win a merge in transformers either.
+    scores = [float(-rank[t]) if t in rank else -1e9 for t in tokens]
+    return tokens, scores, [int(kinds[i]) for i in range(n)]
+
+
+def _sentencepiece_model(tokenizer: Any) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, types) of a slow SentencePiece tokenizer, from its saved `tokenizer.model`."""
     import gguf
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        path = Path(tmp)
         try:
-            vocab = gguf.SentencePieceVocab(path) if (path / "tokenizer.model").is_file() else gguf.LlamaHfVocab(path)
+            vocab = gguf.SentencePieceVocab(Path(tmp))
         except (FileNotFoundError, TypeError, ValueError) as e:
             from loraforge.errors import LoraforgeError, Problem
 
             raise LoraforgeError([Problem("tokenizer", f"this tokenizer is neither byte-level BPE nor SentencePiece "
                                           f"({e})", value=type(tokenizer).__name__,
                                           allowed="byte-level BPE (gpt2) or SentencePiece (llama) vocabularies")]) from e
-        tokens, scores, types = [], [], []
-        for text, score, ttype in vocab.all_tokens():
-            tokens.append(text)
-            scores.append(score)
-            types.append(int(ttype))
-    for i in range(len(tokens), n_vocab):  # embedding rows past the vocabulary
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(int(gguf.TokenType.UNUSED))
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens[:n_vocab])
-    writer.add_token_scores(scores[:n_vocab])
-    writer.add_token_types(types[:n_vocab])
+        rows = list(vocab.all_tokens())
+    return ([t.decode("utf-8") if isinstance(t, bytes) else t for t, _, _ in rows], [float(s) for _, s, _ in rows],
+            [int(k) for _, _, k in rows])
+
+
+def _adds_space_prefix(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts SentencePiece's `▁` before the first word ("a" → `▁a`), as observed."""
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("a", add_special_tokens=False))
+    return bool(pieces) and pieces[0].startswith("\u2581")
 
 
 def _pre_tokenizer(spec: dict, family: str, source_gguf: Path | None) -> str:

@@ -32,7 +32,7 @@ def _run(request: ExportRequest) -> ExportResult:
     from loraforge.exporters.gguf import write_model_gguf
 
     with output_dir(request) as tmp:
-        model = write_model_gguf(request, Path(tmp))
+        model = write_model_gguf(request, Path(tmp), target="ollama")
         if model.chat_format is None:
             raise model.chat_format_error or RuntimeError("no chat format")
         text = modelfile_text(model.path.name, go_template(model.chat_format), model.stop_tokens,
