@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: Qwen2.5-1.5B shape{' (dry run: tiny)' if args.dry_run else ''}, {n_params / 1e9:.3f} B "
               f"parameters; measured matmul peak at its shapes {peak:.1f} TFLOP/s", flush=True)
         out_json = Path(tmp) / "rows.json"
-        train_throughput.main(["--base-model", str(model_dir), "--data", str(args.data), "--steps", str(steps),
+        train_throughput.main(["--cases", "alpaca", "--profile-steps", "0",
+                               "--base-model", str(model_dir), "--data", str(args.data), "--steps", str(steps),
                                "--batch-size", str(batch), "--cutoff", str(cutoff), "--repeats", str(args.repeats),
                                "--precision", "bf16" if device == "cuda" else "fp32", "--json", str(out_json)])
         rows = json.loads(out_json.read_text())["rows"]

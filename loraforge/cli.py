@@ -52,6 +52,7 @@ def train(config: Path = typer.Argument(..., help="Run config YAML."), set_: Opt
     from loraforge.preflight import run_preflight
 
     cfg = load_config(config, _overrides(set_))
+    _hide_unused_backends(cfg)
     # the data statistics are printed once, by training, from the examples it really trains on
     run_preflight(cfg, echo=typer.echo, show_data=cfg.task_type is TaskType.TEXT_TO_IMAGE)
     if cfg.task_type is TaskType.TEXT_TO_IMAGE:
@@ -70,6 +71,19 @@ def train(config: Path = typer.Argument(..., help="Run config YAML."), set_: Opt
     chat = f"loraforge chat --base {cfg.base_model} --adapter {result.run_dir}" if _is_adapter(cfg) \
         else f"loraforge chat --base {result.run_dir}"
     typer.echo(f"Chat with it:  {chat}")
+
+
+def _hide_unused_backends(cfg) -> None:
+    """This process trains one run: optional back ends it does not use are not imported (start-up time)."""
+    from loraforge.errors import LoraforgeError
+    from loraforge.models.gguf import resolve_model_path
+    from loraforge.train.backends import hide, unused_backends
+
+    try:
+        model_dir = resolve_model_path(cfg.base_model)
+    except LoraforgeError:  # preflight reports it
+        model_dir = None
+    hide(unused_backends(cfg, model_dir))
 
 
 def _is_adapter(cfg) -> bool:

@@ -45,6 +45,7 @@ class MethodOptions:
         keys: config keys that only mean something for this method (and the other methods that list them).
         rules: the method's own cross-field rules, on the raw (aliased, not yet validated) config dict.
         packing_unsafe: why rows must not be packed with this method (None: packing is safe).
+        packages: optional packages the method itself imports (`loraforge train` hides the unused ones).
     """
 
     name: str
@@ -52,6 +53,7 @@ class MethodOptions:
     keys: tuple[str, ...] = ()
     rules: Callable[[Mapping[str, Any]], list[Problem]] = no_rules
     packing_unsafe: str | None = None
+    packages: tuple[str, ...] = ()
 
 
 def _qlora_rules(d: Mapping[str, Any]) -> list[Problem]:
@@ -95,7 +97,7 @@ def _freeze_rules(d: Mapping[str, Any]) -> list[Problem]:
 
 
 LORA = MethodOptions("lora", 2e-4, LORA_KEYS)
-QLORA = MethodOptions("qlora", 2e-4, LORA_KEYS + QUANT_KEYS, rules=_qlora_rules)
+QLORA = MethodOptions("qlora", 2e-4, LORA_KEYS + QUANT_KEYS, rules=_qlora_rules, packages=("bitsandbytes",))
 PREFIX = MethodOptions("prefix", 1e-2, ("num_virtual_tokens", "prefix_projection", "encoder_hidden_size"),
                        packing_unsafe=VIRTUAL_TOKENS_SHARED)
 PTUNING = MethodOptions("ptuning", 1e-2, ("num_virtual_tokens", "encoder_hidden_size",
