@@ -23,10 +23,16 @@ def _overrides(pairs: Optional[List[str]]) -> dict:
 
     out = {}
     for pair in pairs or []:
-        if "=" not in pair:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
             raise ConfigError([Problem("--set", "expects key=value", value=pair, fix="e.g. --set epochs=1")])
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError([Problem("--set", f"the value of `{key.strip()}` is not valid YAML: "
+                                       f"{getattr(err, 'problem', None) or err}", value=pair,
+                                       fix=f"quote it: --set '{key.strip()}=\"{value}\"', or close the bracket "
+                                           "of a list: --set target_modules=[q_proj,v_proj]")]) from None
     return out
 
 
@@ -342,6 +348,8 @@ def main() -> None:
         # typer ships its own copy of click's exceptions: recognise them by shape, not by class
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # a usage error (missing argument, bad option)
             e.show()
+            if getattr(e, "ctx", None) is None:  # click printed no "Try ... --help" line: say where the usage is
+                typer.echo("fix: see `loraforge COMMAND --help` for the arguments and options", err=True)
             sys.exit(EXIT_USER_ERROR)
         if type(e).__name__ == "Exit" and hasattr(e, "exit_code"):  # --help and friends
             sys.exit(e.exit_code)

@@ -120,19 +120,40 @@ def server_config_from_dict(data: dict[str, Any], *, source: str = "<dict>", bas
         elif isinstance(data.get("adapters"), dict):
             data["adapters"] = {k: str(base_dir / v) if isinstance(v, str) and not Path(v).is_absolute() else v
                                 for k, v in data["adapters"].items()}
+    from loraforge.config.values import value_problems
+
+    # true/false where a number belongs, an unexpanded $VAR...: pydantic would accept these
+    data, issues = value_problems(data, ServerConfig.model_fields)
+    problems = [Problem(f"{source}: {p.key}", p.message, p.value, p.allowed, p.fix) for p in issues]
     try:
-        return ServerConfig.model_validate(data)
+        config = ServerConfig.model_validate(data)
     except ValidationError as err:
-        problems = []
+        ours = {p.key for p in issues}
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "config"
-            fix = suggestion(key, ServerConfig.model_fields) if e["type"] == "extra_forbidden" else None
-            if e["loc"] == ():  # the model-level route check: re-reported one by one below
+            if e["loc"] == () or key in ours:  # the model-level route check is re-reported one by one below
                 continue
+            field = ServerConfig.model_fields.get(str(e["loc"][0]))
             problems.append(Problem(f"{source}: {key}", e["msg"].removeprefix("Value error, "),
-                                    value=e.get("input") if e["type"] != "missing" else None, fix=fix))
+                                    value=e.get("input") if e["type"] != "missing" else None,
+                                    allowed=field.description if field else None, fix=_fix(e, key, field)))
         problems += [Problem(f"{source}: routes", msg) for msg in _raw_route_problems(data)]
         raise ConfigError(problems, title="invalid server config") from None
+    if problems:
+        raise ConfigError(problems, title="invalid server config")
+    return config
+
+
+def _fix(error: dict, key: str, field: Any) -> str:
+    """The fix for one invalid server-config key: a did-you-mean, or a valid value to write."""
+    if error["type"] == "extra_forbidden":
+        return suggestion(key, ServerConfig.model_fields) or f"remove `{key}` (docs/SERVING.md lists every key)"
+    default = getattr(field, "default", None)
+    if isinstance(default, (int, float, str)) and not isinstance(default, bool):
+        return f"e.g. `{key.split('.')[0]}: {default}` (the default)"
+    if key.split(".")[0] == "adapters":
+        return "write adapters as a mapping of name: folder, e.g. `adapters: {medical: output/medical_lora}`"
+    return "see docs/SERVING.md for the values this key takes"
 
 
 # CLI flag spellings -> ServerConfig keys.
@@ -145,17 +166,16 @@ def load_server_config(path: str | Path | None, overrides: dict[str, Any] | None
     Raises:
         ConfigError: unreadable file, not a mapping, or invalid keys.
     """
-    import yaml
+    from loraforge.config.yaml_io import load_yaml_mapping
 
     overrides = {KEY_ALIASES.get(k, k): v for k, v in (overrides or {}).items() if v is not None}
     if path is None:
         return server_config_from_dict(overrides, source="flags")
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError([Problem(str(path), f"cannot read the server config: {err}")]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([Problem(str(path), "must be a YAML mapping of keys to values", value=type(data).__name__)])
+    if not path.is_file():
+        raise ConfigError([Problem(str(path), "is a folder, not a server config file" if path.is_dir()
+                                   else "server config file not found", fix="name an existing serve YAML file, e.g. "
+                                   "configs/serve-medical.yaml")])
+    data = load_yaml_mapping(path, what="the server config")
     data.update(overrides)
     return server_config_from_dict(data, source=str(path), base_dir=path.parent)
