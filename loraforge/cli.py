@@ -187,7 +187,7 @@ def merge(run_dir: Path = typer.Argument(..., help="A LoRA run dir (or adapter d
     from loraforge.export import merge_adapter
     from loraforge.train.rundir import base_model_dirs, check_output_path
 
-    check_output_path(out, [run_dir, *(base_model_dirs(base) if base else [])], key="out", replaces=False)
+    check_output_path(out, [run_dir, *(base_model_dirs(base) if base else [])], key="--out", replaces=False)
     if layout not in ("native", "original"):
         raise LoraforgeError([Problem("layout", "unknown layout", value=layout, allowed="native, original")])
     if layout == "native":
