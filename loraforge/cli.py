@@ -46,7 +46,8 @@ def _adapters(specs: Optional[List[str]]) -> dict[str, str]:
         if not name or not path:
             raise ConfigError([Problem("--adapter", "expects NAME=DIR", value=spec, fix="--adapter cardio=output/cardio")])
         if name == "base":
-            raise ConfigError([Problem("--adapter", "`base` is reserved for the model without adapters", value=spec)])
+            raise ConfigError([Problem("--adapter", "`base` is reserved for the model without adapters", value=spec,
+                                       fix=f"give the adapter another name, e.g. --adapter my-run={path}")])
         out[name] = path
     return out
 
@@ -151,8 +152,10 @@ def chat(base: str = typer.Option("smollm2", help="Base model (built-in name, di
     """Interactive chat; `/adapter NAME` switches adapters, `/adapter base` the plain base model."""
     from loraforge.inference import GenerationSettings, InferenceModel, chat_repl
 
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    settings.validate()  # before the model loads
     model = InferenceModel.load(base, _adapters(adapter))
-    chat_repl(model, settings=GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature))
+    chat_repl(model, settings=settings)
 
 
 @app.command()
@@ -162,13 +165,21 @@ def generate(prompt: str = typer.Option(..., help="The user message."),
              use: Optional[str] = typer.Option(None, help="Which adapter answers (default: the first given)."),
              max_new_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0)):
     """One-shot generation with an adapter applied."""
+    from loraforge.errors import ConfigError, Problem, suggestion
     from loraforge.inference import GenerationSettings, InferenceModel
+    from loraforge.inference.prompts import check_text
 
     adapters = _adapters(adapter)
-    model = InferenceModel.load(base, adapters)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    settings.validate()  # every argument is checked before the model loads
+    check_text(prompt, "--prompt")
     name = use or (next(iter(adapters)) if adapters else "base")
-    result = model.generate([{"role": "user", "content": prompt}], adapter=name,
-                            settings=GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature))
+    if name != "base" and name not in adapters:
+        raise ConfigError([Problem("--use", "names no adapter given with --adapter", value=name,
+                                   allowed=", ".join(["base", *adapters]),
+                                   fix=suggestion(name, ["base", *adapters]) or "use one of the --adapter names")])
+    model = InferenceModel.load(base, adapters)
+    result = model.generate([{"role": "user", "content": prompt}], adapter=name, settings=settings)
     typer.echo(result.text)
 
 
@@ -188,6 +199,9 @@ def merge(run_dir: Path = typer.Argument(..., help="A LoRA run dir (or adapter d
     from loraforge.train.rundir import base_model_dirs, check_output_path
 
     check_output_path(out, [run_dir, *(base_model_dirs(base) if base else [])], key="--out", replaces=False)
+    if out.exists() and not out.is_dir():
+        raise LoraforgeError([Problem("--out", "exists and is a file, not a folder", value=str(out),
+                                      fix="pick a folder path for the merged model (or remove the file)")])
     if layout not in ("native", "original"):
         raise LoraforgeError([Problem("layout", "unknown layout", value=layout, allowed="native, original")])
     if layout == "native":
