@@ -19,7 +19,7 @@ from loraforge.errors import Problem
 MAX_INT = 2**31 - 1
 # Keys that name a file or folder (besides the Path-typed fields, which are found from the schema).
 _PATH_KEYS = ("base_model", "resume_from_checkpoint")
-_ENV_VAR = re.compile(r"\$(\{?[A-Za-z_][A-Za-z0-9_]*\}?)")
+_ENV_VAR = re.compile(r"\$(\{?[A-Za-z_][A-Za-z0-9_]*\}?)|%([A-Za-z_][A-Za-z0-9_]*)%")  # $HOME, ${HOME}, %USERPROFILE%
 
 
 def value_problems(data: Mapping[str, Any], fields: Mapping[str, Any], section: str = "") -> tuple[dict[str, Any], list[Problem]]:
@@ -75,7 +75,7 @@ def _path_value(name: str, value: str) -> tuple[str, Problem | None]:
                               fix=f"write the path, or remove `{name}` to use its default")
     match = _ENV_VAR.search(value)
     if match:
-        var = match.group(1).strip("{}")
+        var = (match.group(1) or match.group(2)).strip("{}")
         known = os.environ.get(var)
         return value, Problem(name, f"holds the environment variable `${var}`, which loraforge does not expand "
                               "(it would become a folder literally named so)", value=value,

@@ -21,7 +21,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 class RouteTarget(BaseModel):
     """One arm of an A/B route."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     adapter: str = Field(description="A loaded adapter name, or `base`.")
     weight: float = Field(gt=0, description="Relative share of requests (weights need not sum to 1).")
 
@@ -29,7 +29,8 @@ class RouteTarget(BaseModel):
 class ServerConfig(BaseModel):
     """Everything `loraforge serve` needs."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `request_timeout_s: .inf` or `batch_window_ms: .inf` would hold requests forever
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     base_model: str = Field("smollm2", description="Built-in name, local HF model dir or .gguf file.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Public model name -> adapter dir, loaded at start.")
@@ -49,7 +50,7 @@ class ServerConfig(BaseModel):
         description="batch: concurrent requests are generated together, each row with its own adapter (PEFT "
                     "adapter_names); lock: one request at a time. See docs/SERVING.md for the measurement.")
     max_batch_size: int = Field(16, gt=0, description="batch scheduling: most requests generated together.")
-    batch_window_ms: float = Field(5.0, ge=0, description="batch scheduling: how long to wait for more requests to join a batch.")
+    batch_window_ms: float = Field(5.0, ge=0, le=60_000, description="batch scheduling: how long to wait for more requests to join a batch.")
     default_max_tokens: int = Field(256, gt=0, description="Completion length when a request gives no max_tokens.")
     max_tokens_limit: int = Field(2048, gt=0, description="Largest max_tokens a request may ask for.")
     default_temperature: float = Field(1.0, ge=0, le=2, description="Temperature when a request gives none (OpenAI's default is 1).")
