@@ -156,7 +156,11 @@ def _bad_text(obj: Any, at: str = "") -> tuple[str, str] | None:
 
 
 def _row_problem(where: str, obj: Any) -> Problem | None:
-    bad = _bad_text(obj)
+    try:
+        bad = _bad_text(obj)
+    except RecursionError:  # json parsed it, but only just: no training row nests this deep
+        return Problem(where, "JSON nested too deeply to check", fix="flatten the row: a training row holds strings "
+                       "and short lists")
     if bad is None:
         return None
     at, kind = bad
@@ -174,7 +178,7 @@ def _decode_problem(where: str, err: Exception, line: str) -> Problem:
         return Problem(where, f"invalid JSON: {err.msg} at column {err.colno}", value=_clip(line),
                        fix="fix that line: one complete JSON object, keys and strings in double quotes")
     if isinstance(err, RecursionError):
-        return Problem(where, "JSON nested too deeply to read (thousands of [ or { inside each other)",
+        return Problem(where, "JSON nested too deeply to read (about a thousand [ or { inside each other)",
                        value=_clip(line), fix="flatten the row: a training row holds strings and short lists")
     return Problem(where, f"unreadable JSON value: {err}", value=_clip(line),
                    fix="write long numbers as strings, or remove the field")
