@@ -23,10 +23,16 @@ def _overrides(pairs: Optional[List[str]]) -> dict:
 
     out = {}
     for pair in pairs or []:
-        if "=" not in pair:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
             raise ConfigError([Problem("--set", "expects key=value", value=pair, fix="e.g. --set epochs=1")])
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError([Problem("--set", f"the value of `{key.strip()}` is not valid YAML: "
+                                       f"{getattr(err, 'problem', None) or err}", value=pair,
+                                       fix=f"quote it: --set '{key.strip()}=\"{value}\"', or close the bracket "
+                                           "of a list: --set target_modules=[q_proj,v_proj]")]) from None
     return out
 
 
@@ -40,7 +46,8 @@ def _adapters(specs: Optional[List[str]]) -> dict[str, str]:
         if not name or not path:
             raise ConfigError([Problem("--adapter", "expects NAME=DIR", value=spec, fix="--adapter cardio=output/cardio")])
         if name == "base":
-            raise ConfigError([Problem("--adapter", "`base` is reserved for the model without adapters", value=spec)])
+            raise ConfigError([Problem("--adapter", "`base` is reserved for the model without adapters", value=spec,
+                                       fix=f"give the adapter another name, e.g. --adapter my-run={path}")])
         out[name] = path
     return out
 
@@ -159,8 +166,10 @@ def chat(base: str = typer.Option("smollm2", help="Base model (built-in name, di
     """Interactive chat; `/adapter NAME` switches adapters, `/adapter base` the plain base model."""
     from loraforge.inference import GenerationSettings, InferenceModel, chat_repl
 
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    settings.validate()  # before the model loads
     model = InferenceModel.load(base, _adapters(adapter))
-    chat_repl(model, settings=GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature))
+    chat_repl(model, settings=settings)
 
 
 @app.command()
@@ -170,13 +179,21 @@ def generate(prompt: str = typer.Option(..., help="The user message."),
              use: Optional[str] = typer.Option(None, help="Which adapter answers (default: the first given)."),
              max_new_tokens: int = typer.Option(256), temperature: float = typer.Option(0.0)):
     """One-shot generation with an adapter applied."""
+    from loraforge.errors import ConfigError, Problem, suggestion
     from loraforge.inference import GenerationSettings, InferenceModel
+    from loraforge.inference.prompts import check_text
 
     adapters = _adapters(adapter)
-    model = InferenceModel.load(base, adapters)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature)
+    settings.validate()  # every argument is checked before the model loads
+    check_text(prompt, "--prompt")
     name = use or (next(iter(adapters)) if adapters else "base")
-    result = model.generate([{"role": "user", "content": prompt}], adapter=name,
-                            settings=GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature))
+    if name != "base" and name not in adapters:
+        raise ConfigError([Problem("--use", "names no adapter given with --adapter", value=name,
+                                   allowed=", ".join(["base", *adapters]),
+                                   fix=suggestion(name, ["base", *adapters]) or "use one of the --adapter names")])
+    model = InferenceModel.load(base, adapters)
+    result = model.generate([{"role": "user", "content": prompt}], adapter=name, settings=settings)
     typer.echo(result.text)
 
 
@@ -195,7 +212,10 @@ def merge(run_dir: Path = typer.Argument(..., help="A LoRA run dir (or adapter d
     from loraforge.export import merge_adapter
     from loraforge.train.rundir import base_model_dirs, check_output_path
 
-    check_output_path(out, [run_dir, *(base_model_dirs(base) if base else [])], key="out", replaces=False)
+    check_output_path(out, [run_dir, *(base_model_dirs(base) if base else [])], key="--out", replaces=False)
+    if out.exists() and not out.is_dir():
+        raise LoraforgeError([Problem("--out", "exists and is a file, not a folder", value=str(out),
+                                      fix="pick a folder path for the merged model (or remove the file)")])
     if layout not in ("native", "original"):
         raise LoraforgeError([Problem("layout", "unknown layout", value=layout, allowed="native, original")])
     if layout == "native":
@@ -361,6 +381,8 @@ def main() -> None:
         # typer ships its own copy of click's exceptions: recognise them by shape, not by class
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # a usage error (missing argument, bad option)
             e.show()
+            if getattr(e, "ctx", None) is None:  # click printed no "Try ... --help" line: say where the usage is
+                typer.echo("fix: see `loraforge COMMAND --help` for the arguments and options", err=True)
             sys.exit(EXIT_USER_ERROR)
         if type(e).__name__ == "Exit" and hasattr(e, "exit_code"):  # --help and friends
             sys.exit(e.exit_code)

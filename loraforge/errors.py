@@ -34,12 +34,23 @@ class Problem:
     def format(self) -> str:
         text = f"{self.key}: {self.message}"
         if self.value is not None:
-            text += f" (got {self.value!r})"
+            text += f" (got {_short_repr(self.value)})"
         if self.allowed:
             text += f"\n    allowed: {self.allowed}"
         if self.fix:
             text += f"\n    fix: {self.fix}"
         return text
+
+
+def _short_repr(value: Any) -> str:
+    """repr() cut to a readable size without building the whole text first: a YAML alias bomb or a megabyte
+    string as a bad value must not hang or flood the error message."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict, short.maxset = 3, 6, 6, 6, 6
+    short.maxstring, short.maxother, short.maxlong = 200, 200, 60
+    return short.repr(value)
 
 
 class LoraforgeError(Exception):

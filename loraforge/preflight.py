@@ -198,7 +198,21 @@ def _method_checks(cfg: RunConfig, hf_config: Any) -> list[Problem]:
     """The method record's own preflight `check(cfg, hf_config) -> list[Problem]`."""
     from loraforge.methods import method_for
 
-    return list(method_for(cfg).check(cfg, hf_config))
+    return _layer_index_problems(cfg, hf_config) + list(method_for(cfg).check(cfg, hf_config))
+
+
+def _layer_index_problems(cfg: RunConfig, hf_config: Any) -> list[Problem]:
+    """Layer indices the model does not have would adapt (or train) nothing there, silently."""
+    n = next((v for k in ("num_hidden_layers", "n_layer", "num_layers")
+              if isinstance(v := getattr(hf_config, k, None), int)), None)
+    allowed = f"0 to {n - 1} (the model has {n} layers)" if n else "indices >= 0"
+    value = cfg.layers_to_transform  # (freeze_layer_indices, which may count from the end, is checked by freeze)
+    indices = [value] if isinstance(value, int) else list(value or [])
+    bad = [i for i in indices if i < 0 or (n is not None and i >= n)]
+    if not bad:
+        return []
+    return [Problem("layers_to_transform", f"layer index {bad[0]} does not exist", value=value, allowed=allowed,
+                    fix="use indices from `loraforge inspect MODEL`, or leave the key out for all layers")]
 
 
 def _stage_checks(cfg: RunConfig) -> list[Problem]:

@@ -98,3 +98,21 @@ def test_generation_is_bounded_in_time(tiny_llama):
     from loraforge.inference.settings import GenerationSettings
 
     assert generation_config(GenerationSettings(max_time=2.5), [0], 0).max_time == 2.5
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", "3"), ("max_tokens", True), ("temperature", "0.5"), ("seed", True), ("stream", "yes"),
+    ("n", "1"), ("user", 5), ("stop", "\ud800"), ("presence_penalty", 0.5), ("tools", [{"type": "function"}]),
+    ("response_format", {"type": "json_object"}), ("top_logprobs", 3), ("logit_bias", {"1": 5.0}),
+    ("max_completion_tokens", 7),  # with max_tokens 4: they disagree
+])
+def test_values_a_lax_parser_would_coerce_or_ignore_are_400s_naming_the_field(served, field, value):
+    """OpenAI's own API is strict about types and refuses what it cannot do; answering `"max_tokens": "3"` or a
+    JSON-mode request with a guess would be a silent wrong answer."""
+    srv = served[0]
+    host, port = srv.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    status, err = _post(conn, "/v1/chat/completions", _chat("hello", **{field: value}))  # "\ud800" as its escape
+    assert status == 400 and err["error"]["param"] == field, err
+    status, ok = _post(conn, "/v1/chat/completions", _chat("hello"))  # same connection, still served
+    assert status == 200, ok

@@ -21,7 +21,7 @@ IMAGE_METHODS = ("lora",)
 class ImageOptions(BaseModel):
     """The `image:` section of a text-to-image run config."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # `.inf` is a typo
 
     resolution: int = Field(
         512, gt=0, description="Training images are resized (short side) and cropped to this square size; a multiple "

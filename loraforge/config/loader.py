@@ -12,6 +12,8 @@ from pydantic import ValidationError
 from loraforge.config.image import IMAGE_METHODS
 from loraforge.config.methods import METHOD_OPTIONS, key_owners
 from loraforge.config.schema import KEY_ALIASES, RunConfig, TaskType, parse_task_type, task_type_names
+from loraforge.config.values import value_problems
+from loraforge.config.yaml_io import load_yaml_mapping
 from loraforge.errors import ConfigError, Problem, suggestion
 
 
@@ -24,26 +26,11 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([Problem("config", "config file not found", value=str(path), allowed="a YAML file",
-                                   fix="check the path (relative paths start from the current directory)")])
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
-        raise ConfigError([Problem(f"{path}:{line}", f"not UTF-8 text ({e.reason} at byte {e.start})",
-                                   allowed="a UTF-8 encoded YAML file",
-                                   fix="save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 in.yaml > out.yaml`)")]) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([Problem(where, f"not valid YAML: {getattr(e, 'problem', e)}",
-                                   allowed="one `key: value` per line; lists as [a, b]; quotes around text with `:`",
-                                   fix="check the brackets, quotes and indentation on that line and the one before")]) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError([Problem(str(path), "the config must be a mapping of key: value", value=type(raw).__name__,
-                                   allowed="key: value lines at the top level", fix="remove the leading `- `")])
+        what = "is a folder, not a config file" if path.is_dir() else "config file not found"
+        raise ConfigError([Problem("config", what, value=str(path), allowed="a YAML file",
+                                   fix="name the YAML file itself" if path.is_dir()
+                                   else "check the path (relative paths start from the current directory)")])
+    raw = load_yaml_mapping(path)
     raw = {**raw, **dict(overrides or {})}
     return config_from_dict(raw)
 
@@ -51,11 +38,19 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     """Validate a plain dict (already parsed YAML) into a RunConfig; see `load_config`."""
     data, problems = _apply_aliases(raw)
+    data, value_issues = value_problems(data, RunConfig.model_fields)
+    if isinstance(data.get("image"), Mapping):
+        from loraforge.config.image import ImageOptions
+
+        data["image"], image_issues = value_problems(data["image"], ImageOptions.model_fields, "image.")
+        value_issues += image_issues
+    problems += value_issues
     problems += _cross_field(data)
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        problems = _pydantic_problems(e, data) + problems
+        ours = {p.key for p in value_issues}
+        problems = [p for p in _pydantic_problems(e, data) if p.key not in ours] + problems
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
@@ -118,11 +113,11 @@ def _pydantic_problems(err: ValidationError, data: Mapping[str, Any]) -> list[Pr
         if loc == ["method"]:
             names = list(METHOD_OPTIONS)
             problems[key] = Problem(key, "is not one of the allowed values", value=value, allowed=", ".join(names),
-                                    fix=suggestion(str(value), names) or f"set `method: {names[0]}`")
+                                    fix=(suggestion(value, names) if isinstance(value, str) else None) or f"set `method: {names[0]}`")
             continue
         if loc == ["task_type"]:
             problems[key] = Problem(key, "unknown task type", value=value, allowed=", ".join(task_type_names()),
-                                    fix=suggestion(str(value), task_type_names()) or "set `task_type: CAUSAL_LM` "
+                                    fix=(suggestion(value, task_type_names()) if isinstance(value, str) else None) or "set `task_type: CAUSAL_LM` "
                                     "(text generation with a decoder-only model)")
             continue
         problems[key] = _value_problem(e, key, value, field)
@@ -154,7 +149,7 @@ def _value_problem(e: dict, key: str, value: Any, field) -> Problem:
     if kind == "literal_error":
         choices = [c.strip().strip("'\"") for c in re.split(r",| or ", str(ctx.get("expected", ""))) if c.strip()]
         return Problem(key, "is not one of the allowed values", value=value, allowed=", ".join(choices),
-                       fix=suggestion(str(value), choices) or f"set `{leaf}: {choices[0]}`" if choices else None)
+                       fix=(suggestion(value, choices) if isinstance(value, str) else None) or f"set `{leaf}: {choices[0]}`" if choices else None)
     bounds = [(k, ctx[k]) for k in ("gt", "ge", "lt", "le") if k in ctx]
     if bounds:
         words = " and ".join(f"{_RANGE_WORDS[k][0]} {_num(v)}" for k, v in bounds)

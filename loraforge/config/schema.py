@@ -196,7 +196,7 @@ class DataSection(_Section):
     label_column: str = Field("label", description="SEQ_CLS: field holding the label.")
     label_names: Union[list[str], None] = Field(None, description="SEQ_CLS/TOKEN_CLS: the label list (inferred from data if absent).")
     tokenized_cache: bool = Field(True, description="Cache tokenized data on disk, keyed by data + tokenizer + template.")
-    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    dataloader_num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
 
 
 class TrainingSection(_Section):

@@ -132,10 +132,11 @@ def _prompt_messages(data: dict, where: str, system_prompt: str | None) -> tuple
         if not isinstance(text, str) or not text.strip():
             what = "is missing" if key not in data else "must be a non-empty string"
             return [], [Problem(where, f"`instruction` (or `prompt`) {what}", value=None if text is None else
-                                _clip(text), allowed=PAIR_SHAPES)]
+                                _clip(text), allowed=PAIR_SHAPES,
+                                fix="write the question as `prompt` (or `instruction`), one string")]
         extra = data.get("input")
         if extra is not None and not isinstance(extra, str):
-            return [], [Problem(where, "`input` must be a string", value=_clip(extra))]
+            return [], [Problem(where, "`input` must be a string", value=_clip(extra), fix="write `input` as one string")]
         messages = [{"role": "user", "content": f"{text}\n{extra}" if extra else text}]
         problems = []
         system = data.get("system")
@@ -149,7 +150,8 @@ def _prompt_messages(data: dict, where: str, system_prompt: str | None) -> tuple
     problems = check_messages(messages + [{"role": "assistant", "content": "x"}], where)
     if problems:
         return [], [Problem(where, "the prompt turns must end with a user turn (the replies are `chosen` / "
-                            "`rejected`)", value=[m["role"] for m in messages])]
+                            "`rejected`)", value=[m["role"] for m in messages],
+                            fix="end the prompt turns with the user's question; the assistant replies go in chosen/rejected")]
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages, []
@@ -162,12 +164,15 @@ def _reply_text(value: Any, where: str, field: str) -> tuple[str | None, list[Pr
     if isinstance(value, dict):
         role = value.get("role", value.get("from", "assistant"))
         if SHAREGPT_ROLES.get(role) != "assistant":
-            return None, [Problem(where, f"`{field}` must be an assistant reply", value=role, allowed="assistant, gpt")]
+            return None, [Problem(where, f"`{field}` must be an assistant reply", value=role, allowed="assistant, gpt",
+                                  fix=f'write `{field}` as {{"role": "assistant", "content": "..."}} or as a string')]
         value = value.get("content", value.get("value"))
     if value is None:
-        return None, [Problem(where, f"missing `{field}`", allowed=PAIR_SHAPES)]
+        return None, [Problem(where, f"missing `{field}`", allowed=PAIR_SHAPES,
+                                      fix=f"add the {field} reply, or remove the row")]
     if not isinstance(value, str):
-        return None, [Problem(where, f"`{field}` must be a string or an assistant message", value=_clip(value))]
+        return None, [Problem(where, f"`{field}` must be a string or an assistant message", value=_clip(value),
+                                      fix=f'write `{field}` as one string or {{"role": "assistant", "content": "..."}}')]
     if not value.strip():
         return None, [Problem(where, f"empty `{field}`", fix=f"write the {field} reply, or remove the row")]
     return value, []
@@ -198,7 +203,7 @@ def _kto_row(row: Row, system_prompt: str | None) -> tuple[PrefRow | None, list[
     if not isinstance(label, bool):
         what = "missing `label` (or `kto_tag`)" if label is None else f"`{label_key}` must be true or false"
         problems.append(Problem(where, what, value=label, allowed="true (desirable) or false (undesirable)",
-                                fix=None if label is None else "write it as a JSON boolean, without quotes"))
+                                fix="add `\"label\": true` or `false`" if label is None else "write it as a JSON boolean, without quotes"))
     if problems:
         return None, problems
     return PrefRow(where, prompt, chosen=reply, desirable=label), []

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from loraforge.errors import suggestion
+from loraforge.errors import LoraforgeError, suggestion
 from loraforge.inference.model import InferenceModel
+from loraforge.inference.prompts import check_text
 from loraforge.inference.settings import BASE, GenerationSettings, Message
 
 CHAT_HELP = """commands:
@@ -56,6 +57,11 @@ def chat_repl(model: InferenceModel, input_fn: Callable[[str], str] = input, pri
                     print_fn(f"unknown adapter `{arg}`; loaded: {', '.join(model.adapter_names)}" + (f" ({hint})" if hint else ""))
             else:
                 print_fn(CHAT_HELP)
+            continue
+        try:
+            check_text(line, "your message")
+        except LoraforgeError as err:  # an undecodable byte from the terminal: say so and keep chatting
+            print_fn(err.format())
             continue
         history.append({"role": "user", "content": line})
         stream = model.stream(history, current, settings)

@@ -17,7 +17,7 @@ from loraforge.errors import LoraforgeError, ModelError, Problem
 from loraforge.inference.adapter_files import check_adapter_name, read_run_config
 from loraforge.inference.adapters import AdapterInfo, AdapterPool
 from loraforge.inference.generation import cut_after_end, cut_at_stop, generation_config, left_pad
-from loraforge.inference.prompts import end_token_ids, render_prompt_ids
+from loraforge.inference.prompts import check_text, end_token_ids, render_prompt_ids
 from loraforge.inference.settings import BASE, PEFT_BASE, GenerationResult, GenerationSettings, PromptLike
 from loraforge.inference.streaming import StopOnEvent, TextStream
 
@@ -161,7 +161,10 @@ class InferenceModel:
         """A list of messages is rendered with the chat template used to train `adapter`; a string is raw text
         continued as-is (OpenAI `completions` semantics; wrap it as a user message to chat)."""
         if isinstance(messages_or_prompt, str):
+            check_text(messages_or_prompt)
             return list(self.tokenizer(messages_or_prompt, add_special_tokens=False)["input_ids"])
+        for i, message in enumerate(messages_or_prompt):
+            check_text(message["content"], f"messages[{i}].content")
         template, system = self.prompt_settings(adapter)
         return render_prompt_ids(self.tokenizer, messages_or_prompt, template, system)
 

@@ -4,7 +4,23 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from loraforge.errors import LoraforgeError, Problem
 from loraforge.inference.settings import Message
+
+
+def check_text(text: str, key: str = "prompt") -> None:
+    """Refuse text no tokenizer can encode: a lone surrogate, which is what Python makes of an invalid UTF-8 byte
+    in a command-line argument or a terminal line (the tokenizer would raise a bare TypeError).
+
+    Raises:
+        LoraforgeError: naming `key` and the fix.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise LoraforgeError([Problem(key, f"is not valid UTF-8 text (character {err.start} is an undecodable byte "
+                                           "or a lone surrogate)", value=text[max(err.start - 20, 0):err.start + 20],
+                                      fix="set the terminal to UTF-8 (e.g. LANG=C.UTF-8) or retype the text")]) from None
 
 
 def render_prompt_ids(tokenizer: Any, messages: Sequence[Message], template: str = "auto",

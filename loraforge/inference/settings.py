@@ -34,13 +34,17 @@ class GenerationSettings:
         """
         problems = []
         if self.max_new_tokens < 1:
-            problems.append(Problem("max_new_tokens", "must be at least 1", value=self.max_new_tokens, allowed=">= 1"))
-        if self.temperature < 0:
-            problems.append(Problem("temperature", "must not be negative", value=self.temperature, allowed=">= 0 (0 = greedy)"))
+            problems.append(Problem("max_new_tokens", "must be at least 1", value=self.max_new_tokens, allowed=">= 1",
+                                    fix="e.g. max_new_tokens 256"))
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # `not >=`: NaN fails it too
+            problems.append(Problem("temperature", "must be a finite number >= 0", value=self.temperature,
+                                    allowed=">= 0 (0 = greedy)", fix="e.g. temperature 0.7, or 0 for greedy decoding"))
         if not 0 < self.top_p <= 1:
-            problems.append(Problem("top_p", "must be in (0, 1]", value=self.top_p, allowed="0 < top_p <= 1"))
+            problems.append(Problem("top_p", "must be in (0, 1]", value=self.top_p, allowed="0 < top_p <= 1",
+                                    fix="e.g. top_p 0.9, or 1 to sample from every token"))
         if any(not s for s in self.stop):
-            problems.append(Problem("stop", "stop strings must not be empty", value=self.stop))
+            problems.append(Problem("stop", "stop strings must not be empty", value=self.stop,
+                                    fix="remove the empty stop string"))
         if problems:
             raise LoraforgeError(problems, title="invalid generation settings")
 

@@ -21,7 +21,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 class RouteTarget(BaseModel):
     """One arm of an A/B route."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     adapter: str = Field(description="A loaded adapter name, or `base`.")
     weight: float = Field(gt=0, description="Relative share of requests (weights need not sum to 1).")
 
@@ -29,7 +29,8 @@ class RouteTarget(BaseModel):
 class ServerConfig(BaseModel):
     """Everything `loraforge serve` needs."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `request_timeout_s: .inf` or `batch_window_ms: .inf` would hold requests forever
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     base_model: str = Field("smollm2", description="Built-in name, local HF model dir or .gguf file.")
     adapters: dict[str, str] = Field(default_factory=dict, description="Public model name -> adapter dir, loaded at start.")
@@ -49,7 +50,7 @@ class ServerConfig(BaseModel):
         description="batch: concurrent requests are generated together, each row with its own adapter (PEFT "
                     "adapter_names); lock: one request at a time. See docs/SERVING.md for the measurement.")
     max_batch_size: int = Field(16, gt=0, description="batch scheduling: most requests generated together.")
-    batch_window_ms: float = Field(5.0, ge=0, description="batch scheduling: how long to wait for more requests to join a batch.")
+    batch_window_ms: float = Field(5.0, ge=0, le=60_000, description="batch scheduling: how long to wait for more requests to join a batch.")
     default_max_tokens: int = Field(256, gt=0, description="Completion length when a request gives no max_tokens.")
     max_tokens_limit: int = Field(2048, gt=0, description="Largest max_tokens a request may ask for.")
     default_temperature: float = Field(1.0, ge=0, le=2, description="Temperature when a request gives none (OpenAI's default is 1).")
@@ -120,19 +121,40 @@ def server_config_from_dict(data: dict[str, Any], *, source: str = "<dict>", bas
         elif isinstance(data.get("adapters"), dict):
             data["adapters"] = {k: str(base_dir / v) if isinstance(v, str) and not Path(v).is_absolute() else v
                                 for k, v in data["adapters"].items()}
+    from loraforge.config.values import value_problems
+
+    # true/false where a number belongs, an unexpanded $VAR...: pydantic would accept these
+    data, issues = value_problems(data, ServerConfig.model_fields)
+    problems = [Problem(f"{source}: {p.key}", p.message, p.value, p.allowed, p.fix) for p in issues]
     try:
-        return ServerConfig.model_validate(data)
+        config = ServerConfig.model_validate(data)
     except ValidationError as err:
-        problems = []
+        ours = {p.key for p in issues}
         for e in err.errors():
             key = ".".join(str(p) for p in e["loc"]) or "config"
-            fix = suggestion(key, ServerConfig.model_fields) if e["type"] == "extra_forbidden" else None
-            if e["loc"] == ():  # the model-level route check: re-reported one by one below
+            if e["loc"] == () or key in ours:  # the model-level route check is re-reported one by one below
                 continue
+            field = ServerConfig.model_fields.get(str(e["loc"][0]))
             problems.append(Problem(f"{source}: {key}", e["msg"].removeprefix("Value error, "),
-                                    value=e.get("input") if e["type"] != "missing" else None, fix=fix))
+                                    value=e.get("input") if e["type"] != "missing" else None,
+                                    allowed=field.description if field else None, fix=_fix(e, key, field)))
         problems += [Problem(f"{source}: routes", msg) for msg in _raw_route_problems(data)]
         raise ConfigError(problems, title="invalid server config") from None
+    if problems:
+        raise ConfigError(problems, title="invalid server config")
+    return config
+
+
+def _fix(error: dict, key: str, field: Any) -> str:
+    """The fix for one invalid server-config key: a did-you-mean, or a valid value to write."""
+    if error["type"] == "extra_forbidden":
+        return suggestion(key, ServerConfig.model_fields) or f"remove `{key}` (docs/SERVING.md lists every key)"
+    default = getattr(field, "default", None)
+    if isinstance(default, (int, float, str)) and not isinstance(default, bool):
+        return f"e.g. `{key.split('.')[0]}: {default}` (the default)"
+    if key.split(".")[0] == "adapters":
+        return "write adapters as a mapping of name: folder, e.g. `adapters: {medical: output/medical_lora}`"
+    return "see docs/SERVING.md for the values this key takes"
 
 
 # CLI flag spellings -> ServerConfig keys.
@@ -145,17 +167,16 @@ def load_server_config(path: str | Path | None, overrides: dict[str, Any] | None
     Raises:
         ConfigError: unreadable file, not a mapping, or invalid keys.
     """
-    import yaml
+    from loraforge.config.yaml_io import load_yaml_mapping
 
     overrides = {KEY_ALIASES.get(k, k): v for k, v in (overrides or {}).items() if v is not None}
     if path is None:
         return server_config_from_dict(overrides, source="flags")
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError([Problem(str(path), f"cannot read the server config: {err}")]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([Problem(str(path), "must be a YAML mapping of keys to values", value=type(data).__name__)])
+    if not path.is_file():
+        raise ConfigError([Problem(str(path), "is a folder, not a server config file" if path.is_dir()
+                                   else "server config file not found", fix="name an existing serve YAML file, e.g. "
+                                   "configs/serve-medical.yaml")])
+    data = load_yaml_mapping(path, what="the server config")
     data.update(overrides)
     return server_config_from_dict(data, source=str(path), base_dir=path.parent)

@@ -45,7 +45,7 @@ async def _validation(request: Request, err: RequestValidationError) -> JSONResp
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid').removeprefix('Value error, ')}")
     first = next((".".join(str(x) for x in e.get("loc", ()) if x != "body") for e in err.errors()), None)
-    if any(tuple(e.get("loc", ())) == ("body",) for e in err.errors()):
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") != "value_error" for e in err.errors()):
         parts.append("send a JSON object with `Content-Type: application/json`")
     return error_response(400, "Invalid request: " + "; ".join(parts), param=first or None, code="invalid_request")
 

@@ -1,7 +1,9 @@
 """The subset of the OpenAI API that `loraforge serve` speaks (requests validated, responses built here).
 
 Requests accept and ignore fields we do not use (clients send many), but reject values we cannot honour
-(`n > 1`, `logprobs`) instead of silently answering something else.
+(`n > 1`, `logprobs`, tools, a JSON response format, penalties) instead of silently answering something else.
+Numbers and booleans are strict, as in OpenAI's API: `"max_tokens": "10"` or `"stream": "yes"` is a 400, not a
+guess.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import time
 import uuid
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationInfo,
+                      field_validator, model_validator)
 
 
 class _Request(BaseModel):
@@ -54,19 +57,32 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: StrictBool = False
+
+
+def _unsupported(name: str, what: str) -> ValueError:
+    return ValueError(f"{what} loraforge serve cannot honour; leave `{name}` out")
 
 
 class _Sampling(_Request):
     model: str = Field(min_length=1)
-    temperature: Union[float, None] = Field(None, ge=0, le=2)
-    top_p: Union[float, None] = Field(None, gt=0, le=1)
-    stop: Union[str, list[str], None] = None
-    seed: Union[int, None] = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
+    temperature: Union[StrictFloat, None] = Field(None, ge=0, le=2)
+    top_p: Union[StrictFloat, None] = Field(None, gt=0, le=1)
+    stop: Union[StrictStr, list[StrictStr], None] = None
+    seed: Union[StrictInt, None] = Field(None, ge=0, le=2**63 - 1)
+    stream: StrictBool = False
     stream_options: Union[StreamOptions, None] = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per prompt is supported.")
-    logprobs: Union[bool, int, None] = None
+    n: StrictInt = Field(1, ge=1, le=1, description="Only one choice per prompt is supported.")
+    logprobs: Union[StrictBool, StrictInt, None] = None
+    user: Union[StrictStr, None] = None
+    # Known OpenAI fields whose non-default values would change the answer in ways we do not implement.
+    presence_penalty: Union[StrictFloat, None] = Field(None, ge=-2, le=2)
+    frequency_penalty: Union[StrictFloat, None] = Field(None, ge=-2, le=2)
+    logit_bias: Union[dict[str, StrictFloat], None] = None
+    top_logprobs: Union[StrictInt, None] = Field(None, ge=0, le=20)
+    response_format: Union[dict[str, Any], None] = None
+    tools: Union[list[Any], None] = None
+    functions: Union[list[Any], None] = None
 
     @field_validator("stop")
     @classmethod
@@ -74,7 +90,36 @@ class _Sampling(_Request):
         stops = [v] if isinstance(v, str) else v
         if stops is not None and (len(stops) > 4 or any(not s for s in stops)):
             raise ValueError("stop must be at most 4 non-empty strings")
-        return stops
+        return [_valid_text(s) for s in stops] if stops is not None else None
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v: Union[float, None], info: ValidationInfo) -> None:
+        if v:
+            raise _unsupported(info.field_name, "a non-zero penalty is something")
+        return None
+
+    @field_validator("logit_bias", "tools", "functions")
+    @classmethod
+    def _empty_only(cls, v: Any, info: ValidationInfo) -> None:
+        if v:
+            raise _unsupported(info.field_name, f"`{info.field_name}` is something")
+        return None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: Union[int, None]) -> None:
+        if v:
+            raise _unsupported("top_logprobs", "log-probabilities are something")
+        return None
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v: Union[dict[str, Any], None]) -> None:
+        if v is not None and v.get("type") != "text":
+            raise _unsupported("response_format", f"response format {v.get('type')!r} (constrained decoding) is "
+                               "something")
+        return None
 
     @field_validator("logprobs")
     @classmethod
@@ -86,8 +131,16 @@ class _Sampling(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Union[int, None] = Field(None, ge=1)
-    max_completion_tokens: Union[int, None] = Field(None, ge=1)
+    max_tokens: Union[StrictInt, None] = Field(None, ge=1)
+    max_completion_tokens: Union[StrictInt, None] = Field(None, ge=1)
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_limit(cls, v: Union[int, None], info: ValidationInfo) -> Union[int, None]:
+        other = info.data.get("max_tokens")
+        if v is not None and other is not None and other != v:
+            raise ValueError(f"max_completion_tokens ({v}) and max_tokens ({other}) disagree: send one of them")
+        return v
 
     @model_validator(mode="after")
     def _last_turn(self) -> "ChatCompletionRequest":
@@ -104,9 +157,18 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]]
-    max_tokens: Union[int, None] = Field(16, ge=1)  # OpenAI's default for completions
-    echo: bool = False
+    prompt: Union[StrictStr, list[StrictStr]]
+    max_tokens: Union[StrictInt, None] = Field(16, ge=1)  # OpenAI's default for completions
+    echo: StrictBool = False
+    best_of: Union[StrictInt, None] = Field(None, ge=1, le=1, description="Only one candidate per prompt.")
+    suffix: Union[StrictStr, None] = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: Union[str, None]) -> None:
+        if v:
+            raise _unsupported("suffix", "insertion (a suffix after the completion) is something")
+        return None
 
     @field_validator("prompt")
     @classmethod
