@@ -2,8 +2,8 @@
 
 Every `peft.LoraConfig` knob the config exposes is passed through unchanged, so an adapter trained here is
 an ordinary PEFT adapter (loadable by PEFT, vLLM, LLaMA-Factory). Training-only speed-ups that keep that format
-(fused dropout, frozen weights in the autocast dtype, no fp32 round trip of inputs) are the record's
-`training_steps`, in `lora_training.py`.
+(fused dropout, fused LoRA linear, frozen weights in the autocast dtype, no fp32 round trip of inputs) are the
+record's `training_steps`, in `lora_training.py`.
 """
 
 from __future__ import annotations

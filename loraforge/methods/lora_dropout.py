@@ -55,7 +55,8 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return (lanes >= round(p * 65536) - 32768).view(torch.uint8)
 
 
-def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`x` with the dropped elements zeroed (`keep` is a uint8 mask of x's shape), in x's dtype."""
     # measured on CPU, 1148 × 1536: bf16 × uint8 0.56 ms, masked_fill 1.6 ms; fp32 × uint8 is slow (7 ms)
     return x * keep if x.dtype in (torch.bfloat16, torch.float16) else x * keep.to(x.dtype)
 
@@ -75,7 +76,7 @@ class _DropoutMatmul(torch.autograd.Function):
         ctx.save_for_backward(x, weight, keep)
         ctx.scale = 1.0 / (1.0 - p)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return F.linear(_masked(x.to(dtype), keep), weight.to(dtype)) * ctx.scale
+        return F.linear(masked(x.to(dtype), keep), weight.to(dtype)) * ctx.scale
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -83,9 +84,9 @@ class _DropoutMatmul(torch.autograd.Function):
         grad_out = grad_out * ctx.scale  # [..., r]: cheap
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _masked(grad_out.matmul(weight.to(grad_out.dtype)), keep).to(x.dtype)
+            grad_x = masked(grad_out.matmul(weight.to(grad_out.dtype)), keep).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            xd = _masked(x.to(grad_out.dtype), keep)
+            xd = masked(x.to(grad_out.dtype), keep)
             grad_w = grad_out.flatten(0, -2).t().matmul(xd.flatten(0, -2)).to(weight.dtype)
         return grad_x, grad_w, None
 

@@ -4,15 +4,16 @@ They run after `lora.apply`, for training only (the trainer never saves what the
 layer internals), in this order:
 1. `fuse_dropout` — PEFT's `lora_A(dropout(x))` as one autograd function keeping a 1-byte mask
    (`lora_dropout.DropoutLinear`), when `fused_lora_dropout` is on;
-2. `fp32_where_it_matters` — when the base was loaded in the compute dtype (`lora.load_kwargs`), embeddings, norms
+2. `fuse_linear` — PEFT's `lora.Linear` forward (base matmul, B·A, scale, sum) as one autograd function that
+   adds the rank-r product into the base output (`lora_fused.FusedLoraLinear`), when `fused_lora_linear` is on;
+3. `fp32_where_it_matters` — when the base was loaded in the compute dtype (`lora.load_kwargs`), embeddings, norms
    and every trainable parameter back in fp32, so the residual stream, the norm statistics, the adapter and its
    optimizer state are what they are in an fp32-loaded run;
-3. `cast_frozen` — under bf16/fp16 autocast, frozen linear weights stored in the autocast dtype, and LoRA layers
+4. `cast_frozen` — under bf16/fp16 autocast, frozen linear weights stored in the autocast dtype, and LoRA layers
    taking their input in the dtype it arrives in (not DoRA: its magnitude math reads the base weight in fp32).
 
 Only the `lora` record lists them; QLoRA's 4-bit base layers are not `nn.Linear` and keep PEFT's own path.
-A new training-only kernel for LoRA (a fused LoRA linear, say) is one more step here, listed in
-`LORA_TRAINING_STEPS`.
+A new training-only kernel for LoRA is one more step here, listed in `LORA_TRAINING_STEPS`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def fuse_dropout(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) -
     from loraforge.methods.lora_dropout import fuse_lora_dropout
 
     fuse_lora_dropout(model)
+
+
+def fuse_linear(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) -> None:
+    """Compute each plain LoRA linear as one autograd function (same math as PEFT, fewer passes over memory);
+    DoRA, Conv1D, quantized and multi-adapter layers keep PEFT's forward."""
+    if not cfg.fused_lora_linear:
+        return
+    from loraforge.methods.lora_fused import fuse_lora_linears
+
+    fuse_lora_linears(model)
 
 
 def fp32_where_it_matters(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) -> None:
@@ -105,5 +116,6 @@ def keep_lora_input_dtype(model: torch.nn.Module) -> int:
     return changed
 
 
-# The order matters: `keep_lora_input_dtype` only touches layers whose dropout is already identity (fused).
-LORA_TRAINING_STEPS = (fuse_dropout, fp32_where_it_matters, cast_frozen)
+# The order matters: `fuse_linear` and `keep_lora_input_dtype` only touch layers whose dropout is already identity
+# (p = 0, or fused into DropoutLinear).
+LORA_TRAINING_STEPS = (fuse_dropout, fuse_linear, fp32_where_it_matters, cast_frozen)
