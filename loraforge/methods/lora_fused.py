@@ -6,7 +6,9 @@ backward (the scaled gradient, the sum of the base and LoRA input gradients). `_
 product into the base output with one `addmm_` (the scale is its `alpha`), and backward accumulates the LoRA
 input gradient into the base one the same way. It saves the layer input as it came (shared by the layers that
 read it: q/k/v, gate/up), the dropout's 1-byte mask and the `[tokens × r]` product `A·x`; never a
-`[tokens × out]` tensor.
+`[tokens × out]` tensor. Measured on SmolLM2-135M (LoRA r8 on every linear, bf16, 1 CPU thread): one layer's
+forward + backward 1.02–1.23× faster, the 30 blocks' 1.12×, a training step's CPU time 7.5% lower in the
+profile (matmuls −11%, adds −62%); end to end on the benchmark within its noise (1.00–1.03×).
 
 `fuse_lora_linears` turns a PEFT `lora.Linear` into a `FusedLoraLinear` (its subclass: the same modules, the same
 parameters, the same state-dict keys, so adapters save and load as plain PEFT). Only plain LoRA on a plain
