@@ -216,7 +216,7 @@ def _activation_bytes(cfg: RunConfig, shape: ModelShape, method: ParamEstimate, 
         activations = tokens * layers_with_graph * per_layer
     activations += tokens * dims["hidden"] * (4 + w_bytes)  # final norm + the hidden states fed to the LM head
     casts = 0
-    if act_bytes < w_bytes and layers_with_graph:
+    if act_bytes < w_bytes and layers_with_graph and not method.frozen_linears_in_compute_dtype:
         frozen_linear = sum(l["numel"] for l in linears if l["group"] != "head" and l["name"] + ".weight" not in trainable_names)
         share = layers_with_graph / max(dims["layers"], 1)
         casts = int(frozen_linear * share * act_bytes) if not cfg.gradient_checkpointing else \

@@ -58,6 +58,8 @@ class ParamEstimate:
         every_layer_needs_grad: the autograd graph spans every layer (full fine-tuning; virtual tokens make
             every layer's input need gradients), not only the layers from the first trainable one on.
         fused_lm_head: the fused chunked LM-head loss applies (False when PEFT's forward injects virtual tokens).
+        frozen_linears_in_compute_dtype: training stores the frozen linears in the 16-bit compute dtype (LoRA's
+            `cast_frozen`), so autocast makes no per-use copies of them.
     """
 
     trainable_base: frozenset[str] = frozenset()
@@ -66,6 +68,7 @@ class ParamEstimate:
     weights_bytes: int | None = None
     every_layer_needs_grad: bool = False
     fused_lm_head: bool = True
+    frozen_linears_in_compute_dtype: bool = False
 
 
 @dataclass(frozen=True)

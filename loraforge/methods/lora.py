@@ -143,14 +143,17 @@ def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
         # PEFT trains a copy; the copy is new parameters, the original stays frozen.
         extra += sum(numel for n, numel in params.items() if n.rsplit(".", 1)[0].endswith(target)
                      or f".{target}." in f".{n}")
-    weights = None
-    if shape.weight_bytes == 2 and not cfg.use_dora:
-        # a 16-bit base: frozen linears stay 16-bit, embeddings and norms go back to fp32 (fp32_where_it_matters)
+    from loraforge.train.precision import resolve_precision
+
+    weights, in_compute_dtype = None, False
+    if not cfg.use_dora and (shape.weight_bytes == 2 or resolve_precision(cfg.precision) in ("bf16", "fp16")):
+        # frozen linears 16-bit (a 16-bit base loads so; an fp32 one is cast by `cast_frozen`, its mapped file
+        # released), embeddings and norms fp32 (fp32_where_it_matters); a tied head shares the fp32 embedding
         tied = "head" if getattr(shape.hf_config, "tie_word_embeddings", False) else None
         linear = sum(l["numel"] for l in shape.linears if l["group"] != tied)
-        weights = linear * 2 + (sum(params.values()) - linear) * 4
+        weights, in_compute_dtype = linear * 2 + (sum(params.values()) - linear) * 4, True
     return ParamEstimate(trainable_base=frozenset(base), new_params=extra, adapted=tuple(adapted),
-                         weights_bytes=weights)
+                         weights_bytes=weights, frozen_linears_in_compute_dtype=in_compute_dtype)
 
 
 METHOD = Method(
