@@ -82,6 +82,7 @@ def test_memory_terms_follow_the_config(tiny_llama, data_file):
     bf16 = est(precision="bf16")
     assert bf16.weight_cast_bytes == 0 and bf16.weights_bytes < 0.7 * plain.weights_bytes
     assert est(precision="bf16", use_dora=True).weight_cast_bytes > 100 * MiB
+    assert est(precision="bf16", method="qlora").weight_cast_bytes > 0  # QLoRA's linears are not cast to bf16
     assert est(method="qlora", precision="fp32").weights_bytes < plain.weights_bytes / 2.5
     assert est(batch_size=8, precision="fp32").activation_bytes == pytest.approx(2 * plain.activation_bytes, rel=0.01)
     text = format_estimate(plain)

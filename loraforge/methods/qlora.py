@@ -144,7 +144,8 @@ def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
         per = 0.5 + (1 / 64 + 4 / (64 * 256) if cfg.bnb_4bit_use_double_quant else 4 / 64)
     total = sum(shape.params.values()) * shape.weight_bytes
     weights = int(total - quantized * shape.weight_bytes + quantized * per)
-    return replace(lora_estimate_params(cfg, shape), weights_bytes=weights)
+    # LoRA's `cast_frozen` is not one of QLoRA's training steps: its quantized linears are dequantized per use
+    return replace(lora_estimate_params(cfg, shape), weights_bytes=weights, frozen_linears_in_compute_dtype=False)
 
 
 METHOD = Method(
