@@ -2,25 +2,18 @@
 transformers weight-loading bar, DeepSpeed's accelerator guess, bitsandbytes' kernel loading in a run without
 4-bit layers, FutureWarnings about deprecated transformers APIs — and the data summary once."""
 
-import json
 import os
 import subprocess
 import sys
 
-from loraforge.config import TaskType
-from loraforge.models.tiny import tiny_model_dir
+from test_train_helpers import tiny_cli_run
 
 DEPENDENCY_LINES = ("Loading weights", "Setting accelerator to CPU", "kernels-community", "gemm_4bit",
                     "FutureWarning", "is_gradient_checkpointing", "gradient_checkpointing_enable", "Traceback")
 
 
 def test_train_output_has_only_loraforge_lines(tmp_path):
-    model = tiny_model_dir("llama", tmp_path, TaskType.CAUSAL_LM)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ("hi", "yes")))
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"base_model: {model}\nmetadata_path: {data}\noutput_dir: {tmp_path / 'out'}\n"
-                   "task_type: text-generation\nbatch_size: 2\nmax_steps: 2\ngradient_checkpointing: true\n")
+    cfg = tiny_cli_run(tmp_path, "task_type: text-generation\nbatch_size: 2\nmax_steps: 2\ngradient_checkpointing: true\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("DS_ACCELERATOR", None)
     proc = subprocess.run([sys.executable, "-m", "loraforge", "train", str(cfg)], capture_output=True, text=True,

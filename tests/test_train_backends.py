@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from loraforge.config import TaskType, config_from_dict
-from loraforge.models.tiny import tiny_model_dir
+from loraforge.config import config_from_dict
 from loraforge.train.backends import unused_backends
+from test_train_helpers import tiny_cli_run
 
 
 def test_unused_backends_follow_the_method_the_base_and_the_launcher(tmp_path, monkeypatch):
@@ -34,12 +34,7 @@ def test_train_command_runs_a_lora_without_importing_bitsandbytes_or_deepspeed(t
     missing = [p for p in ("bitsandbytes", "deepspeed") if importlib.util.find_spec(p) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed: nothing to leave out")
-    model = tiny_model_dir("llama", tmp_path, TaskType.CAUSAL_LM)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ("hi", "yes")))
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"base_model: {model}\nmetadata_path: {data}\noutput_dir: {tmp_path / 'out'}\n"
-                   "batch_size: 2\nmax_steps: 1\nplot_loss: false\n")
+    cfg = tiny_cli_run(tmp_path, "batch_size: 2\nmax_steps: 1\nplot_loss: false\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_USE_DEEPSPEED", None)
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "loraforge", "train", str(cfg)],

@@ -167,3 +167,16 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 120
         proc.kill()
         proc.wait()
         raise
+
+
+def tiny_cli_run(tmp_path: Path, keys: str) -> Path:
+    """A tiny llama, two rows and a run YAML (`keys`: extra YAML lines) for `python -m loraforge train`."""
+    from loraforge.config import TaskType
+    from loraforge.models.tiny import tiny_model_dir
+
+    model = tiny_model_dir("llama", tmp_path, TaskType.CAUSAL_LM)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ("hi", "yes")))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"base_model: {model}\nmetadata_path: {data}\noutput_dir: {tmp_path / 'out'}\n" + keys)
+    return cfg
