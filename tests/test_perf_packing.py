@@ -101,8 +101,9 @@ def test_packing_without_separate_attention_is_detectably_wrong(lora_model, batc
 
 def test_packed_segments():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1]])
-    assert packed_segments(pos) == [(0, 3), (3, 5), (5, 9), (9, 11)]
-    assert packed_segments(torch.arange(6).unsqueeze(0)) == [(0, 6)]
+    assert [(s.start, s.end, s.prefix) for s in packed_segments(pos)] == \
+        [(0, 3, None), (3, 5, None), (5, 9, None), (9, 11, None)]
+    assert [(s.start, s.end) for s in packed_segments(torch.arange(6).unsqueeze(0))] == [(0, 6)]
     assert packed_segments(torch.arange(6).repeat(2, 1)) is None  # several rows: not a packed row
     assert packed_segments(None) is None
 

@@ -158,6 +158,7 @@ def test_precomputed_reference_equals_the_live_one(tmp_path, model_dir):
     from loraforge.objectives.preference import PreferenceLoss
     from loraforge.models.loader import load_model, load_tokenizer
     from loraforge.config import TaskType
+    from loraforge.train.attention import register_varlen_attention
 
     data_file = write(tmp_path / "p.jsonl", PAIRS)
     tokenizer = load_tokenizer(model_dir)
@@ -168,6 +169,7 @@ def test_precomputed_reference_equals_the_live_one(tmp_path, model_dir):
         data = objective.build_data(run, tokenizer)
         torch.manual_seed(0)
         model = load_model(model_dir, TaskType.CAUSAL_LM, dtype="float32")
+        model.set_attn_implementation(register_varlen_attention())  # as `train` loads it: packed pairs share prompts
         loss = objective.loss(model, run)
         assert isinstance(loss, PreferenceLoss) and (loss.ref_model is None) == (reference == "precomputed")
         loss.prepare_data(data, objective.collate, tokenizer.pad_token_id)

@@ -192,6 +192,17 @@ class DataSection(_Section):
         description="packed = several examples per row, attention kept per example (fastest); grouped = length-grouped "
         "padded batches; padded = plain. auto = packed for CAUSAL_LM, padded otherwise.",
     )
+    share_prompt_prefix: bool = Field(
+        True,
+        description="Packed rows: a sequence that begins like the one before it in its row (a preference pair's two "
+        "sides, chat rows' shared system prompt) reads that untrained prefix from it instead of repeating it. Same loss "
+        "and gradients, fewer tokens. Only with the default attention (attn_implementation: auto).",
+    )
+    row_buckets: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Pad each micro-batch's width up to one of 8 lengths per doubling (at most 12.5% padding) so the "
+        "CPU's matmul kernels are built once per length, not at every step (less memory, no slower). auto = on CPU.",
+    )
     text_column: str = Field("text", description="SEQ_CLS/FEATURE_EXTRACTION: field holding the text.")
     label_column: str = Field("label", description="SEQ_CLS: field holding the label.")
     label_names: Union[list[str], None] = Field(None, description="SEQ_CLS/TOKEN_CLS: the label list (inferred from data if absent).")

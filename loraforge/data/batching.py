@@ -134,36 +134,49 @@ def pack_rows(order: Sequence[int], lengths: Sequence[int], row_len: int) -> lis
 
 
 def collate(examples: Sequence["Encoded"], batch: Sequence[Sequence[int]], pad_token_id: int, *,
+            share_prefixes: bool = False, bucket: bool = False,
             pad_to_multiple_of: int | None = None) -> dict[str, "torch.Tensor"]:
     """Tensors for one micro-batch (right padding).
+
+    Args:
+        share_prefixes: in packed rows, lay out a sequence that begins like the row's latest full one as a
+            branch reading that shared prefix (`data.row_layout`; same loss and gradients, fewer tokens).
+        bucket: pad the width up to one of a few lengths per doubling (`row_layout.bucket_width`).
+        pad_to_multiple_of: pad the width up to a multiple of this.
 
     Returns:
         ``input_ids`` and ``labels`` [rows, T] (pads and the first token of every example are -100, so no loss
         crosses an example boundary in a packed row and packed loss == padded loss); ``attention_mask`` for
         one-example rows; for packed batches (any row with several examples) ``position_ids`` restarting at 0
-        per example and *no* ``attention_mask`` (transformers separates the examples from the position ids only
-        when the mask is absent; the pads at the end of a row start their own "example" and are never attended
-        by real tokens, which come before them). Call the model with ``use_cache=False``.
+        per example (continuing at the branch point for a branch) and *no* ``attention_mask`` (transformers
+        separates the examples from the position ids only when the mask is absent; the pads at the end of a row
+        start their own "example" and are never attended by real tokens, which come before them). Call the
+        model with ``use_cache=False``.
     """
     import torch
 
+    from loraforge.data.row_layout import branch_starts, bucket_width
+
     packed = any(len(row) > 1 for row in batch)
-    width = max(sum(len(examples[i].input_ids) for i in row) for row in batch)
+    starts = [branch_starts([examples[i] for i in row], share_prefixes and packed) for row in batch]
+    width = max(sum(len(examples[i].input_ids) - b for i, b in zip(row, bs)) for row, bs in zip(batch, starts))
+    if bucket:
+        width = bucket_width(width)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     positions = torch.zeros((len(batch), width), dtype=torch.long)
-    for r, row in enumerate(batch):
+    for r, (row, bs) in enumerate(zip(batch, starts)):
         at = 0
-        for i in row:
+        for i, b in zip(row, bs):
             ex = examples[i]
-            n = len(ex.input_ids)
-            input_ids[r, at:at + n] = torch.tensor(ex.input_ids, dtype=torch.long)
-            labels[r, at:at + n] = torch.tensor(ex.labels, dtype=torch.long)
+            n = len(ex.input_ids) - b
+            input_ids[r, at:at + n] = torch.tensor(ex.input_ids[b:], dtype=torch.long)
+            labels[r, at:at + n] = torch.tensor(ex.labels[b:], dtype=torch.long)
             labels[r, at] = IGNORE_INDEX  # predicted from the previous example's last token: never a target
-            positions[r, at:at + n] = torch.arange(n)
+            positions[r, at:at + n] = torch.arange(b, b + n)
             at += n
         attention[r, :at] = 1
         positions[r, at:] = torch.arange(width - at)  # pads: a separate run of positions, i.e. their own block

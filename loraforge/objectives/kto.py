@@ -15,7 +15,8 @@ import torch
 from loraforge.data.templates import IGNORE_INDEX, Encoded
 from loraforge.objectives.base import Objective
 from loraforge.objectives.preference import (BATCH_FIELDS, OPTIONAL_FIELDS, SeqLogps, build_data,
-                                             collate_sequences, make_loss, one_per_example, packs_rows)
+                                             collate_sequences, layout_options, make_loss, one_per_example,
+                                             packs_rows)
 
 
 def kl_sequence(prompt_of: Any, reply_of: Any) -> Encoded:
@@ -33,7 +34,7 @@ def collate_kto(examples: Sequence[Any], micro_batch: Sequence[Sequence[int]], p
         rows = [[e.encoded for e in exs] + kl]
     else:
         rows = [[e.encoded] for e in exs] + [[s] for s in kl]
-    batch = collate_sequences(rows, pad_token_id, packs_rows(cfg))
+    batch = collate_sequences(rows, pad_token_id, packs_rows(cfg), **layout_options(cfg))
     batch["desirable"] = torch.tensor([e.desirable for e in exs], dtype=torch.bool)
     return batch
 

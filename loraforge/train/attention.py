@@ -7,14 +7,16 @@ work of attending within each example, and SDPA cannot use its causal fast path 
 
 `varlen_attention_forward` splits the row where the position ids restart and runs causal SDPA per example
 (the kernel skips the upper triangle), so attention costs Σ Lᵢ²/2 like padded-per-example attention, with no
-padding. It is registered in transformers' `AttentionInterface` under `VARLEN`, with sdpa's mask function, so a
+padding. A packed row may also hold *branches* (`data.row_layout`): a sequence whose positions start at p > 0
+shares its first p tokens with the row's latest sequence that starts at 0, and attends to those first. It is
+registered in transformers' `AttentionInterface` under `VARLEN`, with sdpa's mask function, so a
 batch that is *not* packed (validation rows with an attention mask) goes through plain sdpa unchanged.
 Same loss and gradients as the padded batch: tests/test_perf_packing.py.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import torch
@@ -38,21 +40,39 @@ def register_varlen_attention() -> str:
     return VARLEN
 
 
-def packed_segments(position_ids: "torch.Tensor | None") -> list[tuple[int, int]] | None:
-    """[(start, end)] of each example in a single packed row (a new example wherever the position does not
-    follow the previous one), or None when there is no such row to split (batch of several rows, no ids)."""
+class Segment(NamedTuple):
+    """One sequence of a packed row: tokens [start, end), and for a branch (`data.row_layout`) the row span
+    `prefix` of the root tokens it reads before its own."""
+
+    start: int
+    end: int
+    prefix: tuple[int, int] | None = None
+
+
+def packed_segments(position_ids: "torch.Tensor | None") -> list[Segment] | None:
+    """The sequences of a single packed row (a new one wherever the position does not follow the previous one),
+    or None when there is no such row to split (batch of several rows, no ids).
+
+    A sequence whose positions start at 0 is a root; one starting at p > 0 is a branch of the latest root and
+    reads that root's first p tokens first (a shared prompt laid out once)."""
     import torch
 
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
         return None
     pos = position_ids[0]
     starts = torch.nonzero(torch.diff(pos, prepend=pos[:1] - 1) != 1).flatten().tolist()
-    if len(starts) <= 1 and (not starts or starts[0] == 0):
-        return [(0, pos.shape[0])]
-    bounds = starts + [pos.shape[0]]
-    if bounds[0] != 0:
-        bounds = [0] + bounds
-    return list(zip(bounds[:-1], bounds[1:]))
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    first = pos[starts].tolist()
+    segments: list[Segment] = []
+    root: Segment | None = None
+    for s, e, p in zip(starts, starts[1:] + [pos.shape[0]], first):
+        if p > 0 and root is not None and p <= root.end - root.start:
+            segments.append(Segment(s, e, (root.start, root.start + p)))
+        else:
+            root = Segment(s, e)
+            segments.append(root)
+    return segments
 
 
 def varlen_attention_forward(module: "nn.Module", query: "torch.Tensor", key: "torch.Tensor", value: "torch.Tensor",
@@ -63,26 +83,72 @@ def varlen_attention_forward(module: "nn.Module", query: "torch.Tensor", key: "t
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    segments = packed_segments(kwargs.get("position_ids"))
+    rows = row_segments(kwargs.get("position_ids"), query.shape[0])
     cache = kwargs.get("past_key_values") or kwargs.get("past_key_value")
-    if segments is None or cache is not None or key.shape[2] != query.shape[2] or kwargs.get("softcap") is not None:
-        # not a packed training row (several rows, generation with a cache, ...): plain sdpa with its mask
+    if rows is None or cache is not None or key.shape[2] != query.shape[2] or kwargs.get("softcap") is not None:
+        # not packed training rows (no position ids, generation with a cache, ...): plain sdpa with its mask
+        if rows is not None and has_branches(rows):
+            raise ValueError("this packed row shares prompt prefixes, which only loraforge's varlen attention reads "
+                             "(not with soft-capped attention or a KV cache): set `share_prompt_prefix: false`")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention: one key/value head serves several query heads
     upcast = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
 
-    def attend(s: int, e: int) -> "torch.Tensor":
-        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+    def attend(b: slice, seg: Segment) -> "torch.Tensor":
+        s, e = seg.start, seg.end
+        q, k, v = query[b, :, s:e], key[b, :, s:e], value[b, :, s:e]
+        mask = None
+        if seg.prefix is not None:  # a branch: the root's first p tokens, then itself causally
+            ps, pe = seg.prefix
+            k, v = torch.cat([key[b, :, ps:pe], k], dim=2), torch.cat([value[b, :, ps:pe], v], dim=2)
+            mask = torch.ones(e - s, k.shape[2], dtype=torch.bool, device=q.device).tril(pe - ps)
         if upcast and e - s <= CPU_FP32_MAX_LEN:
             q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                             is_causal=mask is None, enable_gqa=gqa)
         return out.to(query.dtype)
 
-    parts = [attend(s, e) for s, e in segments]
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    def attend_rows(b: slice, segments: list[Segment]) -> "torch.Tensor":
+        parts = [attend(b, seg) for seg in segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    if len(rows) == 1:  # one row, or rows that share one set of position ids
+        out = attend_rows(slice(None), rows[0])
+    else:
+        out = torch.cat([attend_rows(slice(r, r + 1), segments) for r, segments in enumerate(rows)], dim=0)
     return out.transpose(1, 2).contiguous(), None
+
+
+def row_segments(position_ids: "torch.Tensor | None", batch: int) -> list[list[Segment]] | None:
+    """`packed_segments` of each row (one list when all rows share one `[1, T]` set of ids), or None."""
+    if position_ids is None or position_ids.dim() != 2:
+        return None
+    if position_ids.shape[0] == 1:
+        return [packed_segments(position_ids)]
+    if position_ids.shape[0] != batch:
+        return None
+    return [packed_segments(position_ids[r:r + 1]) for r in range(batch)]
+
+
+def has_branches(rows: list[list[Segment]]) -> bool:
+    return any(seg.prefix is not None for segments in rows for seg in segments)
+
+
+def check_branches_are_read(model: "nn.Module", position_ids: "torch.Tensor | None") -> None:
+    """Refuse a packed row holding shared-prefix branches when the model's attention is not the varlen one: any
+    other attention would read each branch as a sequence of its own, a silently wrong loss.
+
+    Raises:
+        ValueError: the row has branches and the model's attention implementation is not `VARLEN`.
+    """
+    if position_ids is None or getattr(getattr(model, "config", None), "_attn_implementation", None) == VARLEN:
+        return
+    rows = row_segments(position_ids, position_ids.shape[0])
+    if rows is not None and has_branches(rows):
+        raise ValueError("this packed row shares prompt prefixes, which only loraforge's varlen attention reads: "
+                         "load the model the way `train` does (`set_attn_implementation(register_varlen_attention())`) "
+                         "or set `share_prompt_prefix: false`")
 
 
 def attention_for(attn_implementation: str, batching: str) -> str:

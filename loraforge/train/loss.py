@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from loraforge.train.attention import check_branches_are_read
+
 IGNORE_INDEX = -100
 
 
@@ -45,6 +47,7 @@ class CausalLMLoss(nn.Module):
         return _split_head(self.model) if self.chunked else None
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        check_branches_are_read(self.model, position_ids)
         if self.chunked:
             backbone, head = _split_head(self.model)
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -181,6 +184,7 @@ def token_logps(model: nn.Module, input_ids, labels, attention_mask=None, positi
                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """`chunked_token_logps` of a causal LM's batch: backbone + chunked head when the head splits off, else the
     model's full logits (heads with soft-capping or logit scaling)."""
+    check_branches_are_read(model, position_ids)
     split = _split_head(model)
     if split is not None:
         backbone, head = split
