@@ -206,11 +206,35 @@ def test_frozen_linears_are_stored_in_the_compute_dtype_except_tied_heads():
         before = model(input_ids=ids).logits
     n = cast_frozen_linears(model, torch.bfloat16)
     base = model.get_base_model()
-    assert n > 0 and base.lm_head.weight.dtype == torch.float32  # tied to the fp32 embedding
+    assert n > 0 and base.lm_head.weight.dtype == torch.float32  # tied: left to cast_frozen_embeddings
     assert base.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # adapters stay fp32
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)  # the very same matmuls
+
+
+def test_frozen_tied_embedding_is_stored_16_bit_and_still_starts_an_fp32_residual_stream():
+    """The tied head no longer casts 28 M fp32 values per forward: the table is bf16, its lookups widened to fp32,
+    and the logits are those of the fp32 table rounded to bf16 (what the autocast head multiplied by)."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.methods.lora_training import cast_frozen_embeddings, cast_frozen_linears
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", tie_word_embeddings=True), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                                     init_lora_weights=False))
+    base = model.get_base_model()
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        base.model.embed_tokens.weight.copy_(base.model.embed_tokens.weight.bfloat16().float())  # bf16-exact table
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits
+    cast_frozen_linears(model, torch.bfloat16)
+    assert cast_frozen_embeddings(model, torch.bfloat16) == 1
+    assert base.lm_head.weight.dtype == torch.bfloat16 and base.lm_head.weight is base.model.embed_tokens.weight
+    assert base.model.embed_tokens(ids).dtype == torch.float32  # the residual stream starts in fp32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dropout", [0.1, 0.0])

@@ -147,10 +147,13 @@ def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
 
     weights, in_compute_dtype = None, False
     if not cfg.use_dora and (shape.weight_bytes == 2 or resolve_precision(cfg.precision) in ("bf16", "fp16")):
-        # frozen linears 16-bit (a 16-bit base loads so; an fp32 one is cast by `cast_frozen`, its mapped file
-        # released), embeddings and norms fp32 (fp32_where_it_matters); a tied head shares the fp32 embedding
+        # frozen linears and embeddings 16-bit (a 16-bit base loads so; an fp32 one is cast by `cast_frozen`, its
+        # mapped file released), norms fp32 (fp32_where_it_matters); a tied head is the embedding's table
         tied = "head" if getattr(shape.hf_config, "tie_word_embeddings", False) else None
         linear = sum(l["numel"] for l in shape.linears if l["group"] != tied)
+        from torch.nn import Embedding
+
+        linear += sum(m.weight.numel() for m in shape.model.modules() if isinstance(m, Embedding))
         weights, in_compute_dtype = linear * 2 + (sum(params.values()) - linear) * 4, True
     return ParamEstimate(trainable_base=frozenset(base), new_params=extra, adapted=tuple(adapted),
                          weights_bytes=weights, frozen_linears_in_compute_dtype=in_compute_dtype)
