@@ -208,7 +208,11 @@ def _activation_bytes(cfg: RunConfig, shape: ModelShape, method: ParamEstimate, 
     dims, w_bytes, linears = shape.dims, shape.weight_bytes, shape.linears
     adapted, trainable_names = list(method.adapted), set(method.trainable_base)
     layers_with_graph = _layers_with_graph(dims, adapted, trainable_names, all_layers=method.every_layer_needs_grad)
-    per_layer = _layer_bytes_per_token(cfg, dims, adapted, linears, trainable_names, act_bytes)
+    from loraforge.methods.lora_blocks import FUSED_BLOCK_TYPES
+
+    lean = (method.frozen_linears_in_compute_dtype and act_bytes < 4 and cfg.fused_lora_linear
+            and cfg.fused_decoder_blocks and getattr(shape.hf_config, "model_type", "") in FUSED_BLOCK_TYPES)
+    per_layer = _layer_bytes_per_token(cfg, dims, adapted, linears, trainable_names, act_bytes, lean_blocks=lean)
     if cfg.gradient_checkpointing:
         # Each layer keeps only its input; backward recomputes one layer at a time.
         activations = tokens * (layers_with_graph * dims["hidden"] * w_bytes + per_layer)
@@ -404,7 +408,7 @@ def _layers_with_graph(dims: Mapping[str, int], adapted: list[Mapping[str, Any]]
 
 
 def _layer_bytes_per_token(cfg: RunConfig, dims: dict[str, int], adapted: list[dict], linears: list[dict],
-                           trainable_names: set[str], a: int) -> int:
+                           trainable_names: set[str], a: int, lean_blocks: bool = False) -> int:
     """Bytes autograd keeps per token in one transformer layer (forward → backward).
 
     Per layer (hidden h, intermediate i, activations in `a` bytes, residual stream in the weights' `w` bytes):
@@ -414,14 +418,25 @@ def _layer_bytes_per_token(cfg: RunConfig, dims: dict[str, int], adapted: list[d
       * each LoRA-adapted linear: its input in the activation dtype plus the dropout mask, in × (a + 1),
         and the rank-r intermediate, r × a;
       * each trainable base linear: its input, in × a.
+    `lean_blocks` (LoRA's fused linears and decoder blocks, `methods.lora_blocks`): each norm keeps only its
+    fp32 input, the MLP gate and up, and linears reading the same tensor (q/k/v, gate/up) keep it once.
     """
     h, i = dims["hidden"], dims["intermediate"]
     n_layers = max(dims["layers"], 1)
-    per = 2 * 2 * h * 4 + 4 * h * a + (3 if dims["gated"] else 2) * i * a
+    if lean_blocks:
+        per = 2 * h * 4 + 4 * h * a + 2 * i * a
+    else:
+        per = 2 * 2 * h * 4 + 4 * h * a + (3 if dims["gated"] else 2) * i * a
     if cfg.attn_implementation == "eager":
         per += dims["heads"] * min(cfg.cutoff_len, 4096) * 4 * 2  # scores + softmax, fp32, per query token
     dropout_mask = 1 if cfg.lora_dropout > 0 else 0
-    per += sum(l["in"] * (a + dropout_mask) + cfg.lora_rank * a for l in adapted) // n_layers
+    inputs: dict[tuple, int] = {}  # each distinct input tensor once when the layers share it
+    for l in adapted:
+        parent, leaf = l["name"].rsplit(".", 1) if "." in l["name"] else ("", l["name"])
+        shared = "qkv" if leaf in ("q_proj", "k_proj", "v_proj") else "gate_up" if leaf in ("gate_proj", "up_proj") \
+            else leaf
+        inputs[(parent, shared) if lean_blocks else (parent, leaf)] = l["in"] * a
+    per += (sum(inputs.values()) + sum(l["in"] * dropout_mask + cfg.lora_rank * a for l in adapted)) // n_layers
     per += sum(l["in"] * a for l in linears if l["name"] + ".weight" in trainable_names
                and l["layer"] is not None) // n_layers
     return int(per)

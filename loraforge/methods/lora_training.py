@@ -13,6 +13,9 @@ layer internals), in this order:
    dtype (the embeddings' output widened to fp32), and LoRA layers taking their input in the dtype it arrives in
    (not DoRA: its magnitude math reads the base weight in fp32).
 
+5. `fuse_blocks` — the frozen RMSNorms and SiLU-gated MLP products of Llama-style blocks as autograd functions
+   that keep less for backward (`lora_blocks`), when `fused_decoder_blocks` is on.
+
 Only the `lora` record lists them; QLoRA's 4-bit base layers are not `nn.Linear` and keep PEFT's own path.
 A new training-only kernel for LoRA is one more step here, listed in `LORA_TRAINING_STEPS`.
 """
@@ -46,6 +49,16 @@ def fuse_linear(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) ->
     from loraforge.methods.lora_fused import fuse_lora_linears
 
     fuse_lora_linears(model)
+
+
+def fuse_blocks(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) -> None:
+    """Frozen RMSNorms and SiLU-gated MLP products of Llama-style blocks as leaner autograd functions
+    (`lora_blocks`), when `fused_decoder_blocks` is on (not DoRA: its magnitude math reads fp32 inputs)."""
+    if not cfg.fused_decoder_blocks or cfg.use_dora:
+        return
+    from loraforge.methods.lora_blocks import fuse_decoder_blocks
+
+    fuse_decoder_blocks(model, getattr(getattr(model, "config", None), "model_type", ""))
 
 
 def fp32_where_it_matters(model: torch.nn.Module, cfg: RunConfig, ctx: TrainingContext) -> None:
@@ -167,4 +180,4 @@ def keep_lora_input_dtype(model: torch.nn.Module) -> int:
 
 # The order matters: `fuse_linear` and `keep_lora_input_dtype` only touch layers whose dropout is already identity
 # (p = 0, or fused into DropoutLinear).
-LORA_TRAINING_STEPS = (fuse_dropout, fuse_linear, fp32_where_it_matters, cast_frozen)
+LORA_TRAINING_STEPS = (fuse_dropout, fuse_linear, fp32_where_it_matters, cast_frozen, fuse_blocks)
