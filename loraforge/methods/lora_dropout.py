@@ -49,9 +49,16 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     """uint8 mask, 1 (keep) with probability 1 - p, from torch's default generator for `device`."""
     if device.type != "cpu":
         return torch.empty(shape, device=device).bernoulli_(1.0 - p).to(torch.uint8)  # fast enough there
+    import numpy as np
+
     n = shape.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # every bit uniform
-    lanes = words.view(torch.int16)[:n].view(shape)  # uniform over [-32768, 32767]
+    # The bits come from numpy's PCG64-DXSM, seeded by one draw from torch's default generator (so a seeded run
+    # and a resumed one, which restores torch's RNG state, draw the same masks): 2.4x faster than torch's
+    # Mersenne Twister `random_` (measured: 0.92 vs 2.22 ms for a 1,270 x 1,536 mask, 2 threads), whose draws
+    # were ~8% of a SmolLM2 LoRA step.
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    words = np.random.Generator(np.random.PCG64DXSM(seed)).bit_generator.random_raw((n + 3) // 4)
+    lanes = torch.from_numpy(words.view(np.int16)[:n]).view(shape)  # every bit uniform: over [-32768, 32767]
     return (lanes >= round(p * 65536) - 32768).view(torch.uint8)
 
 

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
 
 VARLEN = "loraforge_varlen"
 # torch's CPU flash-attention kernel is faster in fp32 than in bf16 on short sequences (measured forward +
-# backward, 9 query / 3 key-value heads of 64, one thread: 2.1 vs 4.0 ms at 128 tokens, 6.9 vs 8.8 at 256,
-# 16.4 vs 17.4 at 384, even at 512), so under CPU autocast segments up to this length attend in fp32 — also
-# the more accurate choice. Key/value heads are shared through `enable_gqa` rather than repeated (copies).
-CPU_FP32_MAX_LEN = 512
+# backward, 9 query / 3 key-value heads of 64, 2 threads, fp32 including the casts: 2.26 vs 2.54 ms at 192
+# tokens; from 256 on bf16 wins: 4.02 vs 3.74 at 256, 6.00 vs 5.49 at 320, 11.0 vs 9.9 at 448), so under CPU
+# autocast segments up to this length attend in fp32 — also the more accurate choice. Key/value heads are
+# shared through `enable_gqa` rather than repeated (copies).
+CPU_FP32_MAX_LEN = 224
 
 
 def register_varlen_attention() -> str:
