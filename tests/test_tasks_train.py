@@ -57,8 +57,9 @@ def test_task_type_trains_end_to_end_with_lora(task, tmp_path, root):
     # The contrastive loss (temperature 0.05) with LoRA dropout on diverges at 5e-2 for some dropout draws
     # (measured with PEFT's dropout and with the fused one alike); 1e-2 falls steadily.
     # QA's span logits with every block linear adapted (issue 14's default) overshoot at 5e-2 the same way
-    # (see test_contract.LR); 1e-2 falls.
-    kw = {"learning_rate": 1e-2} if task in ("FEATURE_EXTRACTION", "QUESTION_ANSWERING") else {}
+    # (see test_contract.LR); 1e-2 falls. TOKEN_CLS's 6 steps at 5e-2 rose for the dropout draws of numpy's
+    # generator (lora_dropout.keep_mask) and fell for torch's: 1e-2 falls for both.
+    kw = {"learning_rate": 1e-2} if task in ("FEATURE_EXTRACTION", "QUESTION_ANSWERING", "TOKEN_CLS") else {}
     result, model_dir, losses = _run(tmp_path, root, task, "lora", **kw)
     assert result.global_step == 6 and len(losses) == 6 and all(map(lambda x: x == x, losses))
     assert losses[-1] < losses[0]
