@@ -308,3 +308,22 @@ def test_tuned_malloc_reuses_freed_memory_instead_of_page_faulting_it_in_again()
     pages = 10 * 64 * 2**20 // 4096
     assert out["0"][1] > 0.9 * pages, out  # every round faults its 16k pages in again
     assert out["1"][1] < 0.5 * out["0"][1], out  # mostly reused (alone: only the first round faults)
+
+
+def test_cpu_dropout_masks_are_drawn_again_in_backward_not_kept():
+    """On CPU neither fused LoRA path keeps the 1-byte mask for backward (its seed redraws it); the gradients
+    above are the reference mask's, so the redrawn mask is the same one."""
+    from peft import LoraConfig, get_peft_model
+
+    from loraforge.methods.lora_fused import fuse_lora_linears
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+    fuse_lora_dropout(model)
+    x = torch.randint(0, 100, (1, 12))
+    for fuse in (False, True):
+        if fuse:
+            assert fuse_lora_linears(model) > 0
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+            model(input_ids=x).logits.sum().backward()
+        assert saved and torch.uint8 not in saved

@@ -45,8 +45,16 @@ class DropoutLinear(nn.Linear):
         return f"{super().extra_repr()}, dropout={self.p}"
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """uint8 mask, 1 (keep) with probability 1 - p, from torch's default generator for `device`."""
+def mask_seed(device: torch.device) -> int | None:
+    """One draw from torch's default generator that fixes the bits of a CPU mask (`keep_mask`), so backward can
+    draw the same mask again instead of keeping it (1 byte per input element of every adapted layer, ~1/6 of a
+    LoRA step's activations); None on other devices, where the mask is kept."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64)) if device.type == "cpu" else None
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device, seed: int | None = None) -> torch.Tensor:
+    """uint8 mask, 1 (keep) with probability 1 - p, from torch's default generator for `device` (on CPU, from
+    `seed` when given: the same seed gives the same mask)."""
     if device.type != "cpu":
         return torch.empty(shape, device=device).bernoulli_(1.0 - p).to(torch.uint8)  # fast enough there
     import numpy as np
@@ -56,7 +64,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     # and a resumed one, which restores torch's RNG state, draw the same masks): 2.4x faster than torch's
     # Mersenne Twister `random_` (measured: 0.92 vs 2.22 ms for a 1,270 x 1,536 mask, 2 threads), whose draws
     # were ~8% of a SmolLM2 LoRA step.
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    seed = mask_seed(device) if seed is None else seed
     words = np.random.Generator(np.random.PCG64DXSM(seed)).bit_generator.random_raw((n + 3) // 4)
     lanes = torch.from_numpy(words.view(np.int16)[:n]).view(shape)  # every bit uniform: over [-32768, 32767]
     return (lanes >= round(p * 65536) - 32768).view(torch.uint8)
@@ -69,7 +77,7 @@ def masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 class _DropoutMatmul(torch.autograd.Function):
-    """y = (x ⊙ keep) Wᵀ / (1 - p), saving x and the uint8 keep mask (not the dropped-out input).
+    """y = (x ⊙ keep) Wᵀ / (1 - p), saving x and the uint8 keep mask (on CPU its seed), not the dropped-out input.
 
     The 1 / (1 - p) scale is applied on the rank-r side (the output in forward, grad_out in backward), so the
     input-sized tensors are only masked. Under autocast the input is cast before masking (the two commute) and
@@ -79,8 +87,10 @@ class _DropoutMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
-        keep = keep_mask(x.shape, p, x.device)
-        ctx.save_for_backward(x, weight, keep)
+        seed = mask_seed(x.device)
+        keep = keep_mask(x.shape, p, x.device, seed)
+        ctx.save_for_backward(x, weight, keep if seed is None else None)
+        ctx.mask = (x.shape, p, x.device, seed)
         ctx.scale = 1.0 / (1.0 - p)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return F.linear(masked(x.to(dtype), keep), weight.to(dtype)) * ctx.scale
@@ -88,6 +98,7 @@ class _DropoutMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, keep = ctx.saved_tensors
+        keep = keep_mask(*ctx.mask) if keep is None else keep  # drawn again from its seed (CPU)
         grad_out = grad_out * ctx.scale  # [..., r]: cheap
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:

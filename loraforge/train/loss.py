@@ -31,6 +31,10 @@ def trained_token_count(labels: list[int]) -> int:
 # mmap threshold, so they are reused from the heap instead of page-faulted in again (measured on SmolLM2 under
 # bf16, one thread: 128 → 0.86 s per 1,010 tokens, 1024 → 1.05 s; 32 is slower again).
 DEFAULT_CHUNK_TOKENS = 128
+# The preference losses' per-token log-probs recompute each chunk in backward (checkpointed), so a chunk's
+# logits, softmax and their gradients are alive at once next to the whole row's activations: 32-token chunks cut
+# a SmolLM2 DPO run's peak RSS by ~75 MB at the same speed (measured 1,544 → 1,471 MB, 1.66 vs 1.62 s a step).
+LOGP_CHUNK_TOKENS = 32
 
 
 class CausalLMLoss(nn.Module):
@@ -153,7 +157,7 @@ def _split_head(model: nn.Module):
 
 
 def chunked_token_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
-                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk_tokens: int = LOGP_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the labelled next tokens, without the `[tokens × vocab]` logits (preference losses).
 
     Only labelled positions reach the head, a chunk at a time; under autograd each chunk is checkpointed, so its
@@ -181,7 +185,7 @@ def _head_logp(head: nn.Module, h: torch.Tensor, target: torch.Tensor) -> torch.
 
 
 def token_logps(model: nn.Module, input_ids, labels, attention_mask=None, position_ids=None,
-                chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_tokens: int = LOGP_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """`chunked_token_logps` of a causal LM's batch: backbone + chunked head when the head splits off, else the
     model's full logits (heads with soft-capping or logit scaling)."""
     check_branches_are_read(model, position_ids)
