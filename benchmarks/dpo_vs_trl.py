@@ -38,7 +38,7 @@ def config(args: argparse.Namespace, output_dir: str):
 
     return config_from_dict({
         "base_model": "smollm2", "stage": "dpo", "dpo_loss": "sigmoid", "pref_beta": 0.1,
-        "metadata_path": str(args.data), "method": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+        "metadata_path": str(args.data), "method": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": args.lora_dropout,
         "target_modules": "all-linear", "batch_size": args.batch_size, "max_steps": args.steps,
         "learning_rate": 2e-4, "lr_scheduler": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
         "max_grad_norm": 1.0, "precision": args.precision, "seed": 42, "logging_steps": 1, "save_steps": None,
@@ -147,7 +147,8 @@ def run_trl(cfg, args) -> dict[str, Any]:
 
 def launch(args: argparse.Namespace, engine: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", engine, "--steps", str(args.steps), "--batch-size",
-           str(args.batch_size), "--precision", args.precision, "--threads", str(args.threads), "--data", str(args.data)]
+           str(args.batch_size), "--precision", args.precision, "--threads", str(args.threads), "--data", str(args.data),
+           "--lora-dropout", str(args.lora_dropout)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -165,6 +166,8 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--lora-dropout", type=float, default=0.05,
+                   help="0 makes both engines deterministic, so their loss curves can be compared step by step")
     p.add_argument("--worker", choices=["loraforge", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.precision == "auto":
