@@ -134,7 +134,7 @@ def test_dpo_pairs_read_the_prompt_once_with_the_same_log_probs_and_gradients(lo
         rows += [chosen, rejected]
 
     def run(share: bool):
-        batch = collate_sequences([rows], tok.pad_token_id, pack=True, share=share, bucket=share)
+        batch = collate_sequences([rows], tok.pad_token_id, pack=True, share_prefixes=share, bucket=share)
         lora_model.zero_grad(set_to_none=True)
         out = sequence_logps(lora_model, batch)
         (out.sums * torch.arange(1.0, len(rows) + 1)).sum().backward()  # every sequence weighs differently

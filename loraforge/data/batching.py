@@ -155,13 +155,10 @@ def collate(examples: Sequence["Encoded"], batch: Sequence[Sequence[int]], pad_t
     """
     import torch
 
-    from loraforge.data.row_layout import branch_starts, bucket_width
+    from loraforge.data.row_layout import plan_rows
 
     packed = any(len(row) > 1 for row in batch)
-    starts = [branch_starts([examples[i] for i in row], share_prefixes and packed) for row in batch]
-    width = max(sum(len(examples[i].input_ids) - b for i, b in zip(row, bs)) for row, bs in zip(batch, starts))
-    if bucket:
-        width = bucket_width(width)
+    starts, width = plan_rows([[examples[i] for i in row] for row in batch], share_prefixes, bucket)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)

@@ -68,17 +68,26 @@ def branch_starts(row: Sequence[Encoded], share: bool) -> list[int]:
     return starts
 
 
-def share_prefixes(cfg) -> bool:
-    """Whether packed rows share prefixes in this run: `share_prompt_prefix`, and the attention that reads branches
-    (`train.attention`'s varlen, which packed rows get with `attn_implementation: auto`)."""
-    return bool(getattr(cfg, "share_prompt_prefix", False)) and getattr(cfg, "attn_implementation", "auto") == "auto"
+def plan_rows(rows: Sequence[Sequence[Encoded]], share_prefixes: bool, bucket: bool) -> tuple[list[list[int]], int]:
+    """(`branch_starts` of each row — sharing only in rows of several sequences —, the tensor width: the longest
+    laid-out row, rounded up by `bucket_width` when `bucket`)."""
+    starts = [branch_starts(row, share_prefixes and len(row) > 1) for row in rows]
+    width = max(sum(len(seq.input_ids) - b for seq, b in zip(row, bs)) for row, bs in zip(rows, starts))
+    return starts, bucket_width(width) if bucket else width
 
 
-def bucket_rows(cfg) -> bool:
-    """Whether row widths are bucketed: `row_buckets: auto` = when training on a CPU (oneDNN's kernel cache)."""
+def layout_options(cfg) -> dict[str, bool]:
+    """The collates' `share_prefixes` and `bucket` for a training run's config.
+
+    `share_prefixes`: `share_prompt_prefix`, and the attention that reads branches (`train.attention`'s varlen,
+    which packed rows get with `attn_implementation: auto`). `bucket`: `row_buckets`, where `auto` = training on
+    a CPU (oneDNN's kernel cache)."""
+    share = bool(getattr(cfg, "share_prompt_prefix", False)) and getattr(cfg, "attn_implementation", "auto") == "auto"
     mode = getattr(cfg, "row_buckets", "off")
     if mode == "auto":
         import torch
 
-        return not torch.cuda.is_available()
-    return mode == "on"
+        bucket = not torch.cuda.is_available()
+    else:
+        bucket = mode == "on"
+    return {"share_prefixes": share, "bucket": bucket}

@@ -14,9 +14,9 @@ import torch
 
 from loraforge.data.templates import IGNORE_INDEX, Encoded
 from loraforge.objectives.base import Objective
+from loraforge.data.row_layout import layout_options
 from loraforge.objectives.preference import (BATCH_FIELDS, OPTIONAL_FIELDS, SeqLogps, build_data,
-                                             collate_sequences, layout_options, make_loss, one_per_example,
-                                             packs_rows)
+                                             collate_sequences, make_loss, one_per_example, packs_rows)
 
 
 def kl_sequence(prompt_of: Any, reply_of: Any) -> Encoded:

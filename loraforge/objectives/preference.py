@@ -67,26 +67,23 @@ def packs_rows(cfg: RunConfig) -> bool:
                   getattr(cfg.task_type, "value", cfg.task_type))
 
 
-def collate_sequences(rows: Sequence[Sequence[Encoded]], pad_token_id: int, pack: bool, *, share: bool = False,
-                      bucket: bool = False) -> dict[str, torch.Tensor]:
+def collate_sequences(rows: Sequence[Sequence[Encoded]], pad_token_id: int, pack: bool, *,
+                      share_prefixes: bool = False, bucket: bool = False) -> dict[str, torch.Tensor]:
     """Tensors for rows of sequences, numbered in order (`seq_ids`).
 
     Args:
         rows: `rows[r]` = the sequences of row r (one sequence per row unless `pack`).
         pack: several sequences per row with restarting `position_ids` and no attention mask (the packed SFT
             layout); else each sequence is its own right-padded row with an attention mask.
-        share: in packed rows, a sequence beginning like the row's latest full one (a pair's two sides share the
+        share_prefixes: in packed rows, a sequence beginning like the row's latest full one (a pair's two sides share the
             prompt) is laid out as a branch reading that prefix (`data.row_layout`: same log-probs, fewer tokens).
         bucket: pad the width up to one of a few lengths per doubling (`row_layout.bucket_width`).
     """
-    from loraforge.data.row_layout import branch_starts, bucket_width
+    from loraforge.data.row_layout import plan_rows
 
     if not pack:
         rows = [[s] for row in rows for s in row]
-    starts = [branch_starts(row, share and pack) for row in rows]
-    width = max(sum(len(s.input_ids) - b for s, b in zip(row, bs)) for row, bs in zip(rows, starts))
-    if bucket:
-        width = bucket_width(width)
+    starts, width = plan_rows(rows, share_prefixes, bucket)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
@@ -112,16 +109,11 @@ def collate_sequences(rows: Sequence[Sequence[Encoded]], pad_token_id: int, pack
     return out
 
 
-def layout_options(cfg: RunConfig) -> dict[str, bool]:
-    """`collate_sequences`' `share` and `bucket` for a training run's config."""
-    from loraforge.data.row_layout import bucket_rows, share_prefixes
-
-    return {"share": share_prefixes(cfg), "bucket": bucket_rows(cfg)}
-
-
 def collate_pairs(examples: Sequence[Any], micro_batch: Sequence[Sequence[int]], pad_token_id: int, cfg: RunConfig):
     """Pairs of a micro-batch: row r holds the chosen and rejected sides of its pairs (sequences 2p, 2p+1)."""
     rows = [[side for i in row for side in examples[i].sides] for row in micro_batch]
+    from loraforge.data.row_layout import layout_options
+
     batch = collate_sequences(rows, pad_token_id, packs_rows(cfg), **layout_options(cfg))
     if getattr(examples[micro_batch[0][0]], "ref_logps", None) is not None:  # `pref_reference: precomputed`
         batch["ref_logps"] = torch.tensor([lp for row in micro_batch for i in row for lp in examples[i].ref_logps])

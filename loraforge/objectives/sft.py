@@ -19,9 +19,9 @@ if TYPE_CHECKING:
 
 def collate(examples: Sequence[Any], micro_batch: Sequence[Sequence[int]], pad_token_id: int, cfg: RunConfig):
     """`input_ids` + `labels`, and an `attention_mask` (one example per row) or `position_ids` (packed rows)."""
-    from loraforge.data.row_layout import bucket_rows, share_prefixes
+    from loraforge.data.row_layout import layout_options
 
-    return collate_rows(examples, micro_batch, pad_token_id, share_prefixes=share_prefixes(cfg), bucket=bucket_rows(cfg))
+    return collate_rows(examples, micro_batch, pad_token_id, **layout_options(cfg))
 
 
 def targets(example: Any) -> int:
