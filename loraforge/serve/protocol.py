@@ -106,12 +106,6 @@ class _Sampling(_Request):
             raise _unsupported(info.field_name, f"`{info.field_name}` is something")
         return None
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs(cls, v: Union[int, None]) -> None:
-        if v:
-            raise _unsupported("top_logprobs", "log-probabilities are something")
-        return None
 
     @field_validator("response_format")
     @classmethod
@@ -121,11 +115,11 @@ class _Sampling(_Request):
                                "something")
         return None
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", "top_logprobs")
     @classmethod
-    def _logprobs(cls, v: Any) -> None:
+    def _logprobs(cls, v: Any, info: ValidationInfo) -> None:
         if v:
-            raise ValueError("logprobs are not supported by loraforge serve")
+            raise _unsupported(info.field_name, "log-probabilities are something")
         return None
 
 
