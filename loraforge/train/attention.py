@@ -88,9 +88,7 @@ def varlen_attention_forward(module: "nn.Module", query: "torch.Tensor", key: "t
     cache = kwargs.get("past_key_values") or kwargs.get("past_key_value")
     if rows is None or cache is not None or key.shape[2] != query.shape[2] or kwargs.get("softcap") is not None:
         # not packed training rows (no position ids, generation with a cache, ...): plain sdpa with its mask
-        if rows is not None and has_branches(rows):
-            raise ValueError("this packed row shares prompt prefixes, which only loraforge's varlen attention reads "
-                             "(not with soft-capped attention or a KV cache): set `share_prompt_prefix: false`")
+        refuse_branches(rows, "not with soft-capped attention or a KV cache: use a model without soft-capping")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     gqa = query.shape[1] != key.shape[1]  # grouped-query attention: one key/value head serves several query heads
@@ -132,24 +130,26 @@ def row_segments(position_ids: "torch.Tensor | None", batch: int) -> list[list[S
     return [packed_segments(position_ids[r:r + 1]) for r in range(batch)]
 
 
-def has_branches(rows: list[list[Segment]]) -> bool:
-    return any(seg.prefix is not None for segments in rows for seg in segments)
+def refuse_branches(rows: list[list[Segment]] | None, why: str) -> None:
+    """Raise if `rows` hold shared-prefix branches: an attention other than the varlen one would read each branch
+    as a sequence of its own, a silently wrong loss. `why`: when this happens, for the message."""
+    if rows is not None and any(seg.prefix is not None for segments in rows for seg in segments):
+        raise ValueError(f"this packed row shares prompt prefixes, which only loraforge's varlen attention reads "
+                         f"({why}); or set `share_prompt_prefix: false`")
 
 
 def check_branches_are_read(model: "nn.Module", position_ids: "torch.Tensor | None") -> None:
-    """Refuse a packed row holding shared-prefix branches when the model's attention is not the varlen one: any
-    other attention would read each branch as a sequence of its own, a silently wrong loss.
+    """Refuse a packed row holding shared-prefix branches when the model's attention is not the varlen one.
 
     Raises:
         ValueError: the row has branches and the model's attention implementation is not `VARLEN`.
     """
-    if position_ids is None or getattr(getattr(model, "config", None), "_attn_implementation", None) == VARLEN:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if position_ids is None or impl == VARLEN:
         return
-    rows = row_segments(position_ids, position_ids.shape[0])
-    if rows is not None and has_branches(rows):
-        raise ValueError("this packed row shares prompt prefixes, which only loraforge's varlen attention reads: "
-                         "load the model the way `train` does (`set_attn_implementation(register_varlen_attention())`) "
-                         "or set `share_prompt_prefix: false`")
+    refuse_branches(row_segments(position_ids, position_ids.shape[0]),
+                    f"this model's attention is `{impl}`: load it the way `train` does, with "
+                    "`set_attn_implementation(register_varlen_attention())`")
 
 
 def attention_for(attn_implementation: str, batching: str) -> str:

@@ -25,8 +25,8 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     # On CPU torch would step each tensor in its own Python loop iteration (no foreach kernels there): a LoRA run
     # has hundreds of small tensors (SmolLM2 all-linear: 420), so the fused CPU kernel updates them all in one
     # call. Only for plain CPU tensors (FSDP2's sharded DTensors keep the default).
-    fused = bool(decay + no_decay) and all(type(p) is torch.nn.Parameter and p.device.type == "cpu"
-                                           for p in decay + no_decay)
+    params = decay + no_decay
+    fused = bool(params) and all(type(p) is torch.nn.Parameter and p.device.type == "cpu" for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate,
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                              **({"fused": True} if fused else {}))
