@@ -3,10 +3,13 @@ forward, gradients equal in fp32 and within bf16 noise in a real SmolLM2 LoRA st
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from loraforge.methods import lora_blocks
 from loraforge.methods.lora_blocks import _RMSNorm, _SwiGLU, fuse_decoder_blocks
 
 
@@ -24,12 +27,13 @@ def test_rmsnorm_forward_is_hf_s_and_its_gradients_are_autograd_s():
     x = torch.randn(2, 7, 16, generator=g, dtype=torch.float64).float().requires_grad_()
     weight = (1 + 0.1 * torch.randn(16, generator=g)).requires_grad_()
     ref = hf_rmsnorm(x, weight.detach(), 1e-5)
-    out = _RMSNorm.apply(x, weight, 1e-5, torch.bfloat16)
+    out, rstd = _RMSNorm.apply(x, weight, 1e-5, torch.bfloat16)
+    assert not rstd.requires_grad
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, ref.to(torch.bfloat16))  # the very values autocast's casts of HF's output give
     grad = torch.randn(2, 7, 16, generator=g)
     x2, w2 = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    (_RMSNorm.apply(x, weight, 1e-5, torch.float32) * grad).sum().backward()
+    (_RMSNorm.apply(x, weight, 1e-5, torch.float32)[0] * grad).sum().backward()
     xs = x2.float()
     ((w2 * (xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + 1e-5))) * grad).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
@@ -65,16 +69,21 @@ def test_only_llama_style_blocks_are_fused():
 
 
 def saved_bytes(fn, model) -> int:
-    """Bytes of distinct storages autograd keeps for backward while `fn` runs forward (weights not counted)."""
+    """Bytes of distinct storages autograd keeps for backward while `fn` runs forward (weights not counted).
+
+    Inside a fused block its own saved-tensor hooks are the ones autograd calls: what they keep as a tensor
+    is recorded too (a save stored as a `_Recompute` keeps only inputs that are saved anyway)."""
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     storages: dict[int, int] = {}
 
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
+    def record(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in weights:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    block_pack = lora_blocks._BlockSaves.pack
+    with mock.patch.object(lora_blocks._BlockSaves, "pack", lambda self, t: record(block_pack(self, t))), \
+            torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
         out = fn()
     return out, sum(storages.values())
 
@@ -137,3 +146,32 @@ def test_a_smollm2_lora_step_has_the_same_loss_within_bf16_noise_gradients_and_k
     assert fused_err.median() < 1.5 * plain_err.median(), (fused_err.median(), plain_err.median())
     assert fused_err.max() < 1.5 * plain_err.max(), (fused_err.max(), plain_err.max())
     assert kept < 0.85 * plain_kept, (kept, plain_kept)
+
+
+def test_recomputed_norm_outputs_and_swiglu_product_give_the_very_same_gradients_and_are_not_kept(
+        lora_models, smollm2_tokenizer):
+    """A block's norm outputs and SiLU-gated product are stored as how to recompute them (`_Recompute`): the
+    same loss and bit-for-bit the same gradients as keeping them, with less kept for backward."""
+    from loraforge.train.loss import CausalLMLoss
+
+    model = lora_models[True]
+    ids = smollm2_tokenizer("Drink water, rest, and see a doctor if the pain gets worse. " * 3,
+                            return_tensors="pt")["input_ids"]
+    batch = {"input_ids": ids, "labels": ids.clone()}
+
+    def step():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (total, _), kept = saved_bytes(lambda: CausalLMLoss(model, chunked=True)(**batch), model)
+        total.backward()
+        return total.item(), kept, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    loss, kept, grads = step()
+    with mock.patch.object(lora_blocks._BlockSaves, "recompute", lambda self, value, fn, *args: value):
+        keep_loss, keep_kept, keep_grads = step()
+    assert loss == keep_loss
+    assert all(torch.equal(grads[k], keep_grads[k]) for k in grads)
+    # SmolLM2 block: 2 × 576 norm outputs (bf16) + 1,536 product values per token no longer kept
+    assert kept < 0.85 * keep_kept, (kept, keep_kept)
+    assert not any(b._loraforge_saves.registered for b in model.modules() if hasattr(b, "_loraforge_saves"))

@@ -235,7 +235,7 @@ class TrainingSection(_Section):
     tune_cpu_malloc: bool = Field(False, description="On CPU (Linux/glibc): keep freed memory for the next step instead of page-faulting large tensors in again (off: within noise on the benchmark once LM-head chunks are small, +2% peak RSS).")
     fused_lora_dropout: bool = Field(True, description="LoRA dropout kept as a 1-byte mask instead of the dropped-out input (same math as PEFT, less memory and time).")
     fused_lora_linear: bool = Field(True, description="Each LoRA linear layer as one autograd function: B·A·x added into the base matmul's output, no [tokens × out] intermediates (same math as PEFT; DoRA, Conv1D and quantized layers keep PEFT's).")
-    fused_decoder_blocks: bool = Field(True, description="LoRA on Llama-style models: each block's frozen RMSNorms and SiLU-gated MLP product as autograd functions that keep less for backward (norm output straight in the compute dtype). Same forward; backward within bf16 noise.")
+    fused_decoder_blocks: bool = Field(True, description="LoRA on Llama-style models: each block's frozen RMSNorms and SiLU-gated MLP product as autograd functions that keep less for backward (norm output straight in the compute dtype; norm outputs and the product recomputed in backward, not kept). Same forward; backward within bf16 noise.")
     logging_steps: int = Field(10, gt=0, description="Log train loss every N optimizer steps.")
     save_steps: Union[int, None] = Field(500, gt=0, description="Write a checkpoint every N optimizer steps (null: only at the end).")
     save_total_limit: Union[int, None] = Field(None, gt=0, description="Keep only the newest N checkpoints.")

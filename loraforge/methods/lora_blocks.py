@@ -11,12 +11,22 @@ Measured on SmolLM2-135M DPO (4 pairs per step, bf16): see BENCHMARKS.md. The di
 projections' input gradients are summed in the compute dtype (they arrive rounded to it from their matmuls)
 instead of in fp32 — bf16 noise, as in a model loaded in bf16 (`tests/test_lora_blocks.py`).
 
-Only where every reader of the norm's output is an autocast linear layer: the `input_layernorm` (read by the
-attention's q/k/v projections) and `post_attention_layernorm` (read by the MLP's gate/up) of the model types in
-`FUSED_BLOCK_TYPES`, whose MLP is `down(silu(gate(x)) · up(x))`. The final norm and other families keep their code.
+* The norms' outputs and the SwiGLU product are not kept at all: the projections reading them would each keep
+  them as their input (`[tokens × hidden]` twice and `[tokens × intermediate]` once per block, ~45% of what a
+  SmolLM2 block keeps), so while a block runs forward, a save of one of them is stored as *how to compute it
+  again* from what the norm / the product keeps anyway (`_Recompute`, through autograd's saved-tensor hooks).
+  Backward recomputes it, the very same values, once for all its readers: one elementwise pass instead of a
+  tensor kept from forward to backward.
+
+Only where every reader of the norm's output is a linear layer: the `input_layernorm` (read by the attention's
+q/k/v projections) and `post_attention_layernorm` (read by the MLP's gate/up) of the model types in
+`FUSED_BLOCK_TYPES`, whose MLP is `down(silu(gate(x)) · up(x))`. The final norm and other families keep their code;
+under gradient checkpointing (which recomputes whole blocks) the saves are left to it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -27,18 +37,21 @@ FUSED_BLOCK_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3"})
 
 
 class _RMSNorm(torch.autograd.Function):
-    """y = (weight · x · rsqrt(mean(x²) + eps)).to(out_dtype), computed in fp32 as HF's RMSNorm; saves x, rstd."""
+    """y = (weight · x · rsqrt(mean(x²) + eps)).to(out_dtype), computed in fp32 as HF's RMSNorm; saves x, rstd.
+
+    Returns (y, rstd): the `[tokens × 1]` reciprocal RMS (not differentiable) lets y be recomputed from x."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         y = weight * (x32 * rstd).to(x.dtype)
         ctx.save_for_backward(x, weight, rstd)
-        return y.to(out_dtype)
+        ctx.mark_non_differentiable(rstd)
+        return y.to(out_dtype), rstd
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, _grad_rstd: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         x_hat = x.float() * rstd
         g = grad_out.float()
@@ -73,17 +86,96 @@ class _SwiGLU(torch.autograd.Function):
         return grad_gate, grad_up
 
 
-def _norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    device = hidden_states.device.type
-    if not (self.training and torch.is_grad_enabled() and torch.is_autocast_enabled(device)):
+class _Recompute:
+    """A saved tensor stored as the function and inputs that compute it again; its readers share one recompute.
+
+    `pending` counts the saves not yet read back: the value recomputed for the first reader in backward is kept
+    for the others and dropped after the last one (a graph run backward twice recomputes it again)."""
+
+    __slots__ = ("fn", "args", "pending", "value")
+
+    def __init__(self, fn, *args) -> None:
+        self.fn, self.args, self.pending, self.value = fn, args, 0, None
+
+    def unpack(self) -> torch.Tensor:
+        value = self.value if self.value is not None else self.fn(*self.args)
+        self.pending -= 1
+        self.value = value if self.pending > 0 else None
+        return value
+
+
+class _BlockSaves:
+    """Saved-tensor hooks for one decoder block's forward: a save of a tensor registered with `recompute` is
+    stored as its `_Recompute`; everything else is saved as usual."""
+
+    def __init__(self) -> None:
+        self.registered: dict[tuple, tuple[_Recompute, torch.Tensor]] = {}
+        self.active = False  # inside the block's forward, hooks installed
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:  # the very tensor (or an identical view of it), not just equal values
+        return t.data_ptr(), t.shape, t.stride(), t.dtype, t.device
+
+    def recompute(self, value: torch.Tensor, fn, *args) -> torch.Tensor:
+        """Register `value` (= fn(*args)) and return it. The registry holds it until the block's forward ends,
+        so its memory cannot be reused by another tensor with the same key meanwhile. Outside the block's
+        hooks (called on its own, under gradient checkpointing) nothing is registered."""
+        if self.active:
+            self.registered[self._key(value)] = (_Recompute(fn, *args), value)
+        return value
+
+    def pack(self, t: torch.Tensor):
+        entry = self.registered.get(self._key(t)) if t.layout == torch.strided else None
+        if entry is None:
+            return t
+        entry[0].pending += 1
+        return entry[0]
+
+    @staticmethod
+    def unpack(saved):
+        return saved.unpack() if isinstance(saved, _Recompute) else saved
+
+
+def _recomputing(self: nn.Module) -> bool:
+    return self.training and torch.is_grad_enabled() and not getattr(self, "gradient_checkpointing", False)
+
+
+def _layer_forward(self: nn.Module, *args, **kwargs):
+    if not _recomputing(self):
+        return type(self).forward(self, *args, **kwargs)
+    saves = self._loraforge_saves
+    saves.active = True
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(saves.pack, saves.unpack):
+            return type(self).forward(self, *args, **kwargs)
+    finally:
+        saves.active = False
+        saves.registered.clear()
+
+
+def _norm_value(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return (weight * (x.float() * rstd).to(x.dtype)).to(out_dtype)  # _RMSNorm's forward, from its saved rstd
+
+
+def _norm_forward(self: nn.Module, hidden_states: torch.Tensor, saves: _BlockSaves) -> torch.Tensor:
+    if not (self.training and torch.is_grad_enabled()):
         return type(self).forward(self, hidden_states)
-    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, torch.get_autocast_dtype(device))
+    device = hidden_states.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_states.dtype
+    y, rstd = _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype)
+    return saves.recompute(y, _norm_value, hidden_states, self.weight, rstd, out_dtype)  # what _RMSNorm keeps
 
 
-def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _mlp_forward(self: nn.Module, x: torch.Tensor, saves: _BlockSaves) -> torch.Tensor:
     if not (self.training and torch.is_grad_enabled()):
         return type(self).forward(self, x)
-    return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    act = saves.recompute(_SwiGLU.apply(gate, up), _swiglu_value, gate, up)  # the inputs _SwiGLU keeps anyway
+    return self.down_proj(act)
+
+
+def _swiglu_value(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def fuse_decoder_blocks(model: nn.Module, model_type: str) -> int:
@@ -98,9 +190,12 @@ def fuse_decoder_blocks(model: nn.Module, model_type: str) -> int:
         mlp = getattr(module, "mlp", None)
         if not all(_plain_rmsnorm(n) for n in norms) or not _silu_gated(mlp):
             continue
+        saves = _BlockSaves()
         for norm in norms:
-            norm.forward = _norm_forward.__get__(norm)
-        mlp.forward = _mlp_forward.__get__(mlp)
+            norm.forward = functools.partial(_norm_forward, norm, saves=saves)
+        mlp.forward = functools.partial(_mlp_forward, mlp, saves=saves)
+        module._loraforge_saves = saves
+        module.forward = functools.partial(_layer_forward, module)
         fused += 1
     return fused
 
