@@ -5,6 +5,8 @@ the fused LM-head cross-entropy under autocast (train/loss.py), fp32 varlen atte
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,6 +161,41 @@ def test_fused_head_loss_under_bf16_autocast_matches_checkpointed_chunks(trainab
     assert rel_err(g_fused[0], ref_hidden.grad) < 1e-2
     if trainable_head:
         assert rel_err(g_fused[1], head.weight.grad) < 1e-2
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_head_logps_equal_autograd_s_values_and_input_gradients(bias):
+    """The preference losses' per-position log-probs through a frozen head (`_FrozenHeadLogp`, its input gradient
+    formed in forward): the same values and the same input gradient as autograd's, under per-position incoming
+    gradients (a DPO loss weights each sequence's tokens differently), across chunk boundaries; no grad → none."""
+    from loraforge.train.loss import _FrozenHeadLogp, chunked_token_logps
+
+    g = torch.Generator().manual_seed(3)
+    hidden0 = torch.randn(2, 30, 16, generator=g, dtype=torch.float64).float()
+    labels = torch.randint(0, 90, (2, 30), generator=g)
+    labels[1, :7] = -100
+    head = nn.Linear(16, 90, bias=bias).requires_grad_(False)
+    hidden = hidden0.clone().requires_grad_()
+    calls = []
+    original = _FrozenHeadLogp.apply
+    with mock.patch.object(_FrozenHeadLogp, "apply", side_effect=lambda *a: calls.append(1) or original(*a)):
+        lp, keep = chunked_token_logps(hidden, head, labels, chunk_tokens=8)
+    assert calls, "a frozen nn.Linear head takes the fused path"
+    upstream = torch.randn(lp.shape[0], generator=g)
+    (lp * upstream).sum().backward()
+
+    ref_hidden = hidden0.clone().requires_grad_()
+    h = ref_hidden[:, :-1].reshape(-1, 16)[keep]
+    t = labels[:, 1:].reshape(-1)[keep]
+    ref = torch.log_softmax(head(h).float(), dim=-1).gather(1, t[:, None]).squeeze(1)
+    (ref * upstream).sum().backward()
+    assert lp.shape == ref.shape == (int(keep.sum()),)
+    torch.testing.assert_close(lp, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        lp2, _ = chunked_token_logps(hidden0, head, labels, chunk_tokens=8)
+    assert not lp2.requires_grad
+    torch.testing.assert_close(lp2, ref.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_head_loss_without_grad_computes_no_gradients():

@@ -31,10 +31,13 @@ def trained_token_count(labels: list[int]) -> int:
 # mmap threshold, so they are reused from the heap instead of page-faulted in again (measured on SmolLM2 under
 # bf16, one thread: 128 → 0.86 s per 1,010 tokens, 1024 → 1.05 s; 32 is slower again).
 DEFAULT_CHUNK_TOKENS = 128
-# The preference losses' per-token log-probs recompute each chunk in backward (checkpointed), so a chunk's
-# logits, softmax and their gradients are alive at once next to the whole row's activations: 32-token chunks cut
-# a SmolLM2 DPO run's peak RSS by ~75 MB at the same speed (measured 1,544 → 1,471 MB, 1.66 vs 1.62 s a step).
-LOGP_CHUNK_TOKENS = 32
+# The preference losses' per-token log-probs. Through a frozen linear head (`_FrozenHeadLogp`) a chunk's logits
+# become its input gradient at once, in place, so one `[chunk × vocab]` fp32 buffer is alive at a time; through
+# any other head each chunk is checkpointed (logits, softmax and their gradients alive together in backward), so
+# those chunks are small. The head matmul of a 32-token chunk reads the whole `[vocab × hidden]` weight for 32
+# rows: SmolLM2's head ran at 43 GFLOP/s there vs 70 at 128 rows (fp32, 2 AVX2 cores).
+LOGP_CHUNK_TOKENS = 128
+CHECKPOINTED_LOGP_CHUNK_TOKENS = 32
 
 
 class CausalLMLoss(nn.Module):
@@ -171,8 +174,11 @@ def chunked_token_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Ten
     target = labels[:, 1:].reshape(-1)
     keep = target != IGNORE_INDEX
     h, target = h[keep], target[keep]
+    if type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters()):
+        return _FrozenHeadLogp.apply(h, head.weight, head.bias, target, chunk_tokens), keep
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in head.parameters()))
     parts = []
+    chunk_tokens = min(chunk_tokens, CHECKPOINTED_LOGP_CHUNK_TOKENS)
     for start in range(0, h.shape[0], chunk_tokens):
         chunk = (head, h[start:start + chunk_tokens], target[start:start + chunk_tokens])
         parts.append(checkpoint(_head_logp, *chunk, use_reentrant=False) if needs_grad else _head_logp(*chunk))
@@ -182,6 +188,44 @@ def chunked_token_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Ten
 def _head_logp(head: nn.Module, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     logits = head(h).float()
     return logits.gather(1, target[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+class _FrozenHeadLogp(torch.autograd.Function):
+    """log p(target | h) per position through a frozen linear head, its input gradient computed during forward.
+
+    d logp / d logits = one-hot − softmax, so each chunk's logits are turned into it in place and contracted with
+    W right away: `[positions × hidden]` is kept for backward, never logits, and nothing is recomputed (one head
+    matmul fewer than checkpointing). Backward scales each position's row by its incoming gradient. Under
+    autocast the matmuls run in the autocast dtype and the softmax in fp32, as `head(h).float()` does. A head
+    that trains would need the incoming gradients for its weight gradient: `chunked_token_logps` checkpoints it.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        logps = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for start in range(0, h.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            tc = target[rows]
+            logits = F.linear(h[rows].to(dtype), w, b).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            logps[rows] = logits.gather(1, tc[:, None]).squeeze(1) - lse
+            if grad_h is not None:
+                d_logits = logits.sub_(lse[:, None]).exp_().neg_()  # −softmax, in place of the logits
+                d_logits[torch.arange(tc.shape[0], device=tc.device), tc] += 1.0
+                grad_h[rows] = d_logits.to(dtype).matmul(w).to(h.dtype)
+        ctx.save_for_backward(grad_h)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None
 
 
 def token_logps(model: nn.Module, input_ids, labels, attention_mask=None, position_ids=None,
