@@ -1,8 +1,9 @@
 """loraforge DPO vs TRL's `DPOTrainer` + PEFT, side by side on the same pairs, steps and precision.
 
 Both: SmolLM2-135M (the embedded model), LoRA r=8, alpha 16, dropout 0.05 on every linear layer, the reference =
-the base with the adapter disabled, sigmoid DPO with beta 0.1, lr 2e-4 cosine without warmup, 4 pairs per optimizer
-step, bf16 autocast (`--precision`), the pairs of `examples/data/preference/train.jsonl` as chat rows (TRL renders
+the base with the adapter disabled (TRL's default `disable_dropout` is turned off when `--lora-dropout` > 0, so
+both really train with it), sigmoid DPO with beta 0.1, lr 2e-4 cosine without warmup, 4 pairs per optimizer
+step, `--precision auto` (bf16 autocast where the CPU has bf16 instructions, else fp32), the pairs of `examples/data/preference/train.jsonl` as chat rows (TRL renders
 them with the same chat template; the token counts of both are printed and must agree). Both take *the same
 pairs in the same order*: TRL's rows are ordered by loraforge's step plan (seed 42, epoch 0) and read
 sequentially, so every optimizer step does the same work and the per-step losses are comparable.
@@ -125,7 +126,9 @@ def run_trl(cfg, args) -> dict[str, Any]:
             max_grad_norm=cfg.max_grad_norm, beta=cfg.pref_beta, loss_type=["sigmoid"], logging_steps=1,
             save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
             bf16=resolve_precision(cfg.precision) == "bf16", seed=cfg.seed, disable_tqdm=True,
-            dataloader_num_workers=0, max_length=None)
+            dataloader_num_workers=0, max_length=None,
+            # TRL turns every dropout off by default; the same hyper-parameters means PEFT's LoRA dropout runs
+            disable_dropout=cfg.lora_dropout == 0)
 
         class PlanOrderDPOTrainer(trl.DPOTrainer):
             def _get_train_sampler(self, *a, **k):  # rows are already in loraforge's step order
@@ -188,7 +191,7 @@ def main() -> None:
     print(f"{args.steps} steps × {args.batch_size} pairs, {args.precision}, {args.threads} threads; load average "
           f"{load:.2f} → {os.getloadavg()[0]:.2f}")
     print(f"{'engine':34} {'tok/s':>7} {'×':>5} {'s/step':>7} {'1st step s':>10} {'peak RSS MB':>11} {'×':>5}  tokens  runs tok/s")
-    names = {"trl": "TRL DPOTrainer + PEFT (padded)", "loraforge": "loraforge stage: dpo"}
+    names = {"trl": "TRL DPOTrainer + PEFT", "loraforge": "loraforge stage: dpo"}
     for e, m in med.items():
         t, b = runs[e][-1], med["trl"]
         print(f"{names[e] + ' (' + t['batching'] + ')':34} {m['tokens_per_s']:7.1f} {m['tokens_per_s'] / b['tokens_per_s']:5.2f} "
