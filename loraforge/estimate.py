@@ -210,8 +210,8 @@ def _activation_bytes(cfg: RunConfig, shape: ModelShape, method: ParamEstimate, 
     layers_with_graph = _layers_with_graph(dims, adapted, trainable_names, all_layers=method.every_layer_needs_grad)
     from loraforge.methods.lora_blocks import FUSED_BLOCK_TYPES
 
-    lean = (method.frozen_linears_in_compute_dtype and act_bytes < 4 and cfg.fused_lora_linear
-            and cfg.fused_decoder_blocks and getattr(shape.hf_config, "model_type", "") in FUSED_BLOCK_TYPES)
+    lean = (cfg.method == "lora" and not cfg.use_dora and cfg.fused_lora_linear and cfg.fused_decoder_blocks
+            and getattr(shape.hf_config, "model_type", "") in FUSED_BLOCK_TYPES)
     per_layer = _layer_bytes_per_token(cfg, dims, adapted, linears, trainable_names, act_bytes, lean_blocks=lean)
     if cfg.gradient_checkpointing:
         # Each layer keeps only its input; backward recomputes one layer at a time.
@@ -419,7 +419,9 @@ def _layer_bytes_per_token(cfg: RunConfig, dims: dict[str, int], adapted: list[d
         and the rank-r intermediate, r × a;
       * each trainable base linear: its input, in × a.
     `lean_blocks` (LoRA's fused linears and decoder blocks, `methods.lora_blocks`): each norm keeps only its
-    fp32 input, the MLP gate and up, and linears reading the same tensor (q/k/v, gate/up) keep it once.
+    fp32 input, the MLP gate and up; the norms' outputs (read by q/k/v and gate/up) and the gated product (read
+    by down) and, in packed rows, the attention output (read by o_proj) are recomputed in backward: no linear's
+    input is kept.
     """
     h, i = dims["hidden"], dims["intermediate"]
     n_layers = max(dims["layers"], 1)
@@ -431,8 +433,14 @@ def _layer_bytes_per_token(cfg: RunConfig, dims: dict[str, int], adapted: list[d
         per += dims["heads"] * min(cfg.cutoff_len, 4096) * 4 * 2  # scores + softmax, fp32, per query token
     dropout_mask = 1 if cfg.lora_dropout > 0 else 0
     inputs: dict[tuple, int] = {}  # each distinct input tensor once when the layers share it
+    recomputed = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"} if lean_blocks else set()
+    packed = cfg.batching == "packed" or (cfg.batching == "auto" and cfg.task_type is TaskType.CAUSAL_LM)
+    if lean_blocks and packed:  # the varlen attention's output
+        recomputed.add("o_proj")
     for l in adapted:
         parent, leaf = l["name"].rsplit(".", 1) if "." in l["name"] else ("", l["name"])
+        if leaf in recomputed:
+            continue
         shared = "qkv" if leaf in ("q_proj", "k_proj", "v_proj") else "gate_up" if leaf in ("gate_proj", "up_proj") \
             else leaf
         inputs[(parent, shared) if lean_blocks else (parent, leaf)] = l["in"] * a

@@ -11,7 +11,8 @@ Measured on SmolLM2-135M DPO (4 pairs per step, bf16): see BENCHMARKS.md. The di
 projections' input gradients are summed in the compute dtype (they arrive rounded to it from their matmuls)
 instead of in fp32 — bf16 noise, as in a model loaded in bf16 (`tests/test_lora_blocks.py`).
 
-* The norms' outputs and the SwiGLU product are not kept at all: the projections reading them would each keep
+* The norms' outputs, the SwiGLU product and the attention output (`train.attention` joins its segments into
+  o_proj's input, a copy of what the attention kernel keeps) are not kept at all: the projections reading them would each keep
   them as their input (`[tokens × hidden]` twice and `[tokens × intermediate]` once per block, ~45% of what a
   SmolLM2 block keeps), so while a block runs forward, a save of one of them is stored as *how to compute it
   again* from what the norm / the product keeps anyway (`_Recompute`, through autograd's saved-tensor hooks).
@@ -27,6 +28,7 @@ under gradient checkpointing (which recomputes whole blocks) the saves are left 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -104,36 +106,44 @@ class _Recompute:
         return value
 
 
+class _Saved(NamedTuple):
+    """What a save of a registered tensor stores: its recompute and the shape it was saved in (a reshaped view)."""
+
+    recompute: _Recompute
+    shape: torch.Size
+
+
 class _BlockSaves:
-    """Saved-tensor hooks for one decoder block's forward: a save of a tensor registered with `recompute` is
-    stored as its `_Recompute`; everything else is saved as usual."""
+    """Saved-tensor hooks for one decoder block's forward: a save of a tensor registered with `recompute` (or of
+    a reshaped view of all of it) is stored as its `_Recompute`; everything else is saved as usual."""
 
     def __init__(self) -> None:
         self.registered: dict[tuple, tuple[_Recompute, torch.Tensor]] = {}
         self.active = False  # inside the block's forward, hooks installed
 
     @staticmethod
-    def _key(t: torch.Tensor) -> tuple:  # the very tensor (or an identical view of it), not just equal values
-        return t.data_ptr(), t.shape, t.stride(), t.dtype, t.device
+    def _key(t: torch.Tensor) -> tuple:
+        return t.data_ptr(), t.dtype, t.device
 
     def recompute(self, value: torch.Tensor, fn, *args) -> torch.Tensor:
-        """Register `value` (= fn(*args)) and return it. The registry holds it until the block's forward ends,
-        so its memory cannot be reused by another tensor with the same key meanwhile. Outside the block's
-        hooks (called on its own, under gradient checkpointing) nothing is registered."""
-        if self.active:
+        """Register `value` (= fn(*args), contiguous) and return it. The registry holds it until the block's
+        forward ends, so its memory cannot be reused by another tensor meanwhile. Outside the block's hooks
+        (called on its own, under gradient checkpointing) nothing is registered."""
+        if self.active and value.is_contiguous():
             self.registered[self._key(value)] = (_Recompute(fn, *args), value)
         return value
 
     def pack(self, t: torch.Tensor):
         entry = self.registered.get(self._key(t)) if t.layout == torch.strided else None
-        if entry is None:
+        # the same memory read whole, in order: the value itself or a reshaped view of it (o_proj's input)
+        if entry is None or not t.is_contiguous() or t.numel() != entry[1].numel():
             return t
         entry[0].pending += 1
-        return entry[0]
+        return _Saved(entry[0], t.shape)
 
     @staticmethod
     def unpack(saved):
-        return saved.unpack() if isinstance(saved, _Recompute) else saved
+        return saved.recompute.unpack().view(saved.shape) if isinstance(saved, _Saved) else saved
 
 
 def _recomputing(self: nn.Module) -> bool:
@@ -195,6 +205,8 @@ def fuse_decoder_blocks(model: nn.Module, model_type: str) -> int:
             norm.forward = functools.partial(_norm_forward, norm, saves=saves)
         mlp.forward = functools.partial(_mlp_forward, mlp, saves=saves)
         module._loraforge_saves = saves
+        if isinstance(getattr(module, "self_attn", None), nn.Module):  # the varlen attention registers its output
+            module.self_attn._loraforge_saves = saves
         module.forward = functools.partial(_layer_forward, module)
         fused += 1
     return fused

@@ -108,15 +108,23 @@ def varlen_attention_forward(module: "nn.Module", query: "torch.Tensor", key: "t
                                              is_causal=mask is None, enable_gqa=gqa)
         return out.to(query.dtype)
 
-    def attend_rows(b: slice, segments: list[Segment]) -> "torch.Tensor":
-        parts = [attend(b, seg) for seg in segments]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
     if len(rows) == 1:  # one row, or rows that share one set of position ids
-        out = attend_rows(slice(None), rows[0])
+        parts = [[attend(slice(None), seg) for seg in rows[0]]]
     else:
-        out = torch.cat([attend_rows(slice(r, r + 1), segments) for r, segments in enumerate(rows)], dim=0)
-    return out.transpose(1, 2).contiguous(), None
+        parts = [[attend(slice(r, r + 1), seg) for seg in segments] for r, segments in enumerate(rows)]
+    out = _joined(parts)
+    saves = getattr(module, "_loraforge_saves", None)  # LoRA training (methods.lora_blocks): o_proj's input is
+    if saves is not None:  # joined again in backward from the segments' outputs the kernel keeps anyway
+        saves.recompute(out, _joined, parts)
+    return out, None
+
+
+def _joined(parts: "list[list[torch.Tensor]]") -> "torch.Tensor":
+    """Each row's segment outputs `[1 or B, heads, len, head_dim]` joined into `[B, T, heads, head_dim]`."""
+    import torch
+
+    rows = [p[0] if len(p) == 1 else torch.cat(p, dim=2) for p in parts]
+    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)).transpose(1, 2).contiguous()
 
 
 def row_segments(position_ids: "torch.Tensor | None", batch: int) -> list[list[Segment]] | None:
