@@ -208,11 +208,8 @@ def _activation_bytes(cfg: RunConfig, shape: ModelShape, method: ParamEstimate, 
     dims, w_bytes, linears = shape.dims, shape.weight_bytes, shape.linears
     adapted, trainable_names = list(method.adapted), set(method.trainable_base)
     layers_with_graph = _layers_with_graph(dims, adapted, trainable_names, all_layers=method.every_layer_needs_grad)
-    from loraforge.methods.lora_blocks import FUSED_BLOCK_TYPES
-
-    lean = (cfg.method == "lora" and not cfg.use_dora and cfg.fused_lora_linear and cfg.fused_decoder_blocks
-            and getattr(shape.hf_config, "model_type", "") in FUSED_BLOCK_TYPES)
-    per_layer = _layer_bytes_per_token(cfg, dims, adapted, linears, trainable_names, act_bytes, lean_blocks=lean)
+    per_layer = _layer_bytes_per_token(cfg, dims, adapted, linears, trainable_names, act_bytes,
+                                       lean_blocks=method.lean_blocks)
     if cfg.gradient_checkpointing:
         # Each layer keeps only its input; backward recomputes one layer at a time.
         activations = tokens * (layers_with_graph * dims["hidden"] * w_bytes + per_layer)

@@ -60,6 +60,8 @@ class ParamEstimate:
         fused_lm_head: the fused chunked LM-head loss applies (False when PEFT's forward injects virtual tokens).
         frozen_linears_in_compute_dtype: training stores the frozen linears in the 16-bit compute dtype (LoRA's
             `cast_frozen`), so autocast makes no per-use copies of them.
+        lean_blocks: training runs the fused LoRA linears and decoder blocks (`lora_fused`, `lora_blocks`), which
+            keep no linear's input: the norm outputs, the gated product and the attention output are recomputed.
     """
 
     trainable_base: frozenset[str] = frozenset()
@@ -69,6 +71,7 @@ class ParamEstimate:
     every_layer_needs_grad: bool = False
     fused_lm_head: bool = True
     frozen_linears_in_compute_dtype: bool = False
+    lean_blocks: bool = False
 
 
 @dataclass(frozen=True)

@@ -155,8 +155,12 @@ def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
 
         linear += sum(m.weight.numel() for m in shape.model.modules() if isinstance(m, Embedding))
         weights, in_compute_dtype = linear * 2 + (sum(params.values()) - linear) * 4, True
+    from loraforge.methods.lora_blocks import FUSED_BLOCK_TYPES
+
+    lean = (not cfg.use_dora and cfg.fused_lora_linear and cfg.fused_decoder_blocks
+            and getattr(shape.hf_config, "model_type", "") in FUSED_BLOCK_TYPES)
     return ParamEstimate(trainable_base=frozenset(base), new_params=extra, adapted=tuple(adapted),
-                         weights_bytes=weights, frozen_linears_in_compute_dtype=in_compute_dtype)
+                         weights_bytes=weights, frozen_linears_in_compute_dtype=in_compute_dtype, lean_blocks=lean)
 
 
 METHOD = Method(

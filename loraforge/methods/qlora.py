@@ -145,7 +145,8 @@ def estimate_params(cfg: RunConfig, shape: ModelShape) -> ParamEstimate:
     total = sum(shape.params.values()) * shape.weight_bytes
     weights = int(total - quantized * shape.weight_bytes + quantized * per)
     # LoRA's `cast_frozen` is not one of QLoRA's training steps: its quantized linears are dequantized per use
-    return replace(lora_estimate_params(cfg, shape), weights_bytes=weights, frozen_linears_in_compute_dtype=False)
+    return replace(lora_estimate_params(cfg, shape), weights_bytes=weights, frozen_linears_in_compute_dtype=False,
+                   lean_blocks=False)  # its 4-bit layers keep PEFT's path (no fused training steps)
 
 
 METHOD = Method(
