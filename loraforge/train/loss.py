@@ -213,10 +213,13 @@ class _FrozenHeadLogp(torch.autograd.Function):
             rows = slice(start, start + chunk_tokens)
             tc = target[rows]
             logits = F.linear(h[rows].to(dtype), w, b).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            logps[rows] = logits.gather(1, tc[:, None]).squeeze(1) - lse
+            picked = logits.gather(1, tc[:, None]).squeeze(1)
+            # log-sum-exp in place (torch.logsumexp would allocate a second [chunk × vocab] buffer)
+            top = logits.amax(dim=-1, keepdim=True)
+            total = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            logps[rows] = picked - (top + total.log()).squeeze(1)
             if grad_h is not None:
-                d_logits = logits.sub_(lse[:, None]).exp_().neg_()  # −softmax, in place of the logits
+                d_logits = logits.div_(total).neg_()  # −softmax, in place of the logits
                 d_logits[torch.arange(tc.shape[0], device=tc.device), tc] += 1.0
                 grad_h[rows] = d_logits.to(dtype).matmul(w).to(h.dtype)
         ctx.save_for_backward(grad_h)
