@@ -98,6 +98,14 @@ def _head_ce(head: nn.Module, h: torch.Tensor, target: torch.Tensor) -> torch.Te
     return F.cross_entropy(head(h).float(), target, reduction="sum")
 
 
+def _head_in_compute_dtype(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(dtype, weight, bias) for a fused LM-head kernel's matmuls: the autocast dtype when autocast is on (as
+    autocast's `F.linear` would cast them), else h's dtype."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    return dtype, weight.to(dtype), bias.to(dtype) if bias is not None else None
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Σ cross_entropy(h Wᵀ + b, target) with its gradients computed chunk by chunk during forward.
 
@@ -110,10 +118,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                 chunk_tokens: int) -> torch.Tensor:
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
+        dtype, w, b = _head_in_compute_dtype(h, weight, bias)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
@@ -203,10 +208,7 @@ class _FrozenHeadLogp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
                 chunk_tokens: int) -> torch.Tensor:
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        w = weight.to(dtype)
-        b = bias.to(dtype) if bias is not None else None
+        dtype, w, b = _head_in_compute_dtype(h, weight, bias)
         logps = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         for start in range(0, h.shape[0], chunk_tokens):
