@@ -12,8 +12,8 @@ projections' input gradients are summed in the compute dtype (they arrive rounde
 instead of in fp32 — bf16 noise, as in a model loaded in bf16 (`tests/test_lora_blocks.py`).
 
 * The norms' outputs, the SwiGLU product and the attention output (`train.attention` joins its segments into
-  o_proj's input, a copy of what the attention kernel keeps) are not kept at all: the projections reading them would each keep
-  them as their input (`[tokens × hidden]` twice and `[tokens × intermediate]` once per block, ~45% of what a
+  o_proj's input, a copy of what the attention kernel keeps) are not kept at all: the projections reading them
+  would each keep them as their input (`[tokens × hidden]` twice and `[tokens × intermediate]` once per block, ~45% of what a
   SmolLM2 block keeps), so while a block runs forward, a save of one of them is stored as *how to compute it
   again* from what the norm / the product keeps anyway (`_Recompute`, through autograd's saved-tensor hooks).
   Backward recomputes it, the very same values, once for all its readers: one elementwise pass instead of a

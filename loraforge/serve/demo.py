@@ -52,11 +52,10 @@ def train_demo_adapters(base: str | Path, out_dir: str | Path, answers: dict[str
 
     from loraforge.inference import render_prompt_ids
     from loraforge.models.gguf import resolve_model_path
-
-    from loraforge.train.precision import resolve_precision
+    from loraforge.train.precision import cpu_has_native_bf16
 
     answers = answers or DEMO_ANSWERS
-    native_bf16 = not torch.cuda.is_available() and resolve_precision("auto") == "bf16"
+    native_bf16 = cpu_has_native_bf16()  # the demo adapters train on the CPU
     base_path = resolve_model_path(base)
     out_dir = Path(out_dir)
     result = {name: out_dir / name for name in answers}

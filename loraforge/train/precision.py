@@ -15,10 +15,16 @@ def resolve_precision(precision: str) -> str:
 
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    cpu = torch.backends.cpu
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere CPU autocast to bf16 is emulated."""
+    import torch
+
     native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
         getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if native and cpu.get_cpu_capability() else "fp32"
+    return bool(native and torch.backends.cpu.get_cpu_capability())
 
 
 def autocast_dtype(precision: str) -> Any:
